@@ -1,0 +1,254 @@
+"""Launch local CPU vLLM engines, wait until they serve, and stop exactly what we started.
+
+Each engine runs in its own process group (so its EngineCore/worker children go with it),
+logs to its own file, and binds its OpenMP threads to its own core: with two engines on a
+two-core machine, vLLM's auto-binding would otherwise put both on the same core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    model_dir: str
+    served_model_name: str
+    port: int
+    host: str = "127.0.0.1"
+    kv_events_port: int | None = None
+    block_size: int = 32
+    kv_cache_gib: float = 1.0
+    max_model_len: int = 16384
+    cpu_bind: str | None = None  # e.g. "0" or "0-1"; None lets vLLM decide
+    num_gpu_blocks_override: int | None = None
+    extra_args: tuple[str, ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        return None if self.kv_events_port is None else f"tcp://{self.host}:{self.kv_events_port}"
+
+    def command(self) -> list[str]:
+        args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_dir,
+            "--served-model-name", self.served_model_name,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--block-size", str(self.block_size),
+            "--max-model-len", str(self.max_model_len),
+            "--enable-prompt-tokens-details",
+            # Exposes /v1/*/render, which tests use to prove our tokenization matches the engine's.
+            "--enable-scale-out",
+            "--disable-uvicorn-access-log",
+        ]  # fmt: skip
+        if self.kv_events_port is not None:
+            events = {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": f"tcp://*:{self.kv_events_port}",
+                "topic": "kv-events",
+            }
+            args += ["--kv-events-config", json.dumps(events)]
+        if self.num_gpu_blocks_override is not None:
+            args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
+        return args + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # vLLM's CPU backend wants whole GiB here.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gib)))
+        if self.cpu_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.update(dict(self.extra_env))
+        return env
+
+
+@dataclass
+class LocalEngine:
+    spec: EngineSpec
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            self.process = subprocess.Popen(
+                self.spec.command(),
+                env=self.spec.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        logger.info("started engine %s (pid %s) on %s", self.spec.name, self.process.pid, self.spec.url)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.spec.url}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, num_lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the engine's process group, then SIGKILL what is left after `timeout_s`."""
+        if self.process is None:
+            return
+        proc, self.process = self.process, None
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # Children (EngineCore, workers) may outlive the API server: the group goes too.
+        _signal_group(proc.pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            logger.error("engine %s (pid %s) did not exit", self.spec.name, proc.pid)
+
+    def kill(self) -> None:
+        """Simulate a crash: SIGKILL the whole group at once."""
+        if self.process is not None:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_ready(engines: Sequence[LocalEngine], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(engines)
+    while pending:
+        for engine in list(pending):
+            if not engine.running:
+                raise EngineLaunchError(f"engine {engine.spec.name} exited during start-up:\n{engine.log_tail()}")
+            if engine.is_ready():
+                pending.remove(engine)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(e.spec.name for e in pending)
+            raise EngineLaunchError(f"engines not ready after {timeout_s:.0f}s: {names}\n{pending[0].log_tail()}")
+        time.sleep(0.5)
+
+
+class EngineFleet:
+    """Start several engines together (they compile concurrently) and stop them all."""
+
+    def __init__(self, specs: Sequence[EngineSpec], log_dir: str | Path) -> None:
+        self.engines = [LocalEngine(s, Path(log_dir) / f"{s.name}.log") for s in specs]
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        try:
+            for engine in self.engines:
+                engine.start()
+            wait_ready(self.engines, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, name: str, timeout_s: float = 300.0) -> LocalEngine:
+        engine = self.by_name(name)
+        engine.stop()
+        engine.start()
+        wait_ready([engine], timeout_s)
+        return engine
+
+    def by_name(self, name: str) -> LocalEngine:
+        for engine in self.engines:
+            if engine.spec.name == name:
+                return engine
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            if engine.process is not None and engine.process.poll() is None:
+                _signal_group(engine.process.pid, signal.SIGTERM)
+        for engine in self.engines:
+            engine.stop()
+
+    def __enter__(self) -> EngineFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def local_specs(
+    count: int,
+    *,
+    model_dir: str,
+    served_model_name: str,
+    host: str = "127.0.0.1",
+    base_port: int = 8100,
+    kv_events_base_port: int | None = 5557,
+    block_size: int = 32,
+    kv_cache_gib: float = 1.0,
+    max_model_len: int = 16384,
+    extra_args: Sequence[str] = (),
+    num_gpu_blocks_override: int | None = None,
+) -> list[EngineSpec]:
+    """Specs for `count` engines on consecutive ports, each pinned to its own core."""
+    num_cpus = os.cpu_count() or 1
+    return [
+        EngineSpec(
+            name=f"engine-{i}",
+            model_dir=model_dir,
+            served_model_name=served_model_name,
+            host=host,
+            port=base_port + i,
+            kv_events_port=None if kv_events_base_port is None else kv_events_base_port + i,
+            block_size=block_size,
+            kv_cache_gib=kv_cache_gib,
+            max_model_len=max_model_len,
+            cpu_bind=str(i % num_cpus),
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            extra_args=tuple(extra_args),
+        )
+        for i in range(count)
+    ]

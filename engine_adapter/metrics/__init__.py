@@ -1,0 +1,3 @@
+from engine_adapter.metrics.scraper import EngineStats, parse_engine_metrics
+
+__all__ = ["EngineStats", "parse_engine_metrics"]

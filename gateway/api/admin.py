@@ -1,0 +1,82 @@
+"""Operational endpoints: /health, /metrics, and the token-protected /admin API."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.errors import ModelNotFound, Unauthorized
+
+
+def require_admin(request: Request) -> None:
+    token = request.app.state.config.server.admin_token
+    if token is None:
+        raise Unauthorized("The admin API is disabled: set server.admin_token in the configuration.")
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("Invalid admin token.")
+
+
+def endpoint_state(endpoint: Endpoint, now: float) -> dict[str, Any]:
+    stats = endpoint.stats
+    return {
+        "id": endpoint.id,
+        "url": endpoint.url,
+        "available": endpoint.available(now),
+        "healthy": endpoint.healthy,
+        "draining": endpoint.draining,
+        "ejected": endpoint.ejected_until > now,
+        "models": sorted(endpoint.models),
+        "in_flight": endpoint.in_flight,
+        "num_requests_running": None if stats is None else stats.num_requests_running,
+        "num_requests_waiting": None if stats is None else stats.num_requests_waiting,
+        "kv_cache_usage": None if stats is None else stats.kv_cache_usage,
+    }
+
+
+def build_admin_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        registry: EndpointRegistry = request.app.state.registry
+        now = time.monotonic()
+        available = sum(1 for e in registry.endpoints if e.available(now))
+        status = "ok" if available else "unavailable"
+        body = {"status": status, "engines_available": available, "engines_total": len(registry.endpoints)}
+        return JSONResponse(body, status_code=200 if available else 503)
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/admin/engines")
+    async def list_engines(request: Request) -> JSONResponse:
+        require_admin(request)
+        now = time.monotonic()
+        return JSONResponse({"engines": [endpoint_state(e, now) for e in request.app.state.registry.endpoints]})
+
+    @router.post("/admin/engines/{engine_id}/drain")
+    async def drain(engine_id: str, request: Request) -> JSONResponse:
+        return _set_draining(request, engine_id, True)
+
+    @router.post("/admin/engines/{engine_id}/undrain")
+    async def undrain(engine_id: str, request: Request) -> JSONResponse:
+        return _set_draining(request, engine_id, False)
+
+    return router
+
+
+def _set_draining(request: Request, engine_id: str, draining: bool) -> JSONResponse:
+    require_admin(request)
+    endpoint = request.app.state.registry.get(engine_id)
+    if endpoint is None:
+        raise ModelNotFound(f"No engine named `{engine_id}`.", param="engine_id")
+    endpoint.draining = draining
+    return JSONResponse(endpoint_state(endpoint, time.monotonic()))

@@ -1,0 +1,98 @@
+"""`python -m gateway --config configs/local.yaml`: run the gateway in the foreground.
+
+With a `local_engines:` section, the gateway first builds the tiny test model (once), starts
+that many CPU vLLM engines and puts them in front of any `engines:` listed; Ctrl-C or SIGTERM
+stops the gateway and then the engines it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig, load_config
+
+logger = logging.getLogger("gateway")
+
+
+def local_engine_configs(local: LocalEnginesConfig) -> tuple[list[EngineConfig], object]:
+    """Build the model, start the engines; returns their configs and the running fleet."""
+    from engine_adapter.launch.launcher import EngineFleet, local_specs
+    from engine_adapter.launch.tiny_model import ensure_tiny_model
+
+    logger.info("building/checking the tiny test model in %s", local.model_dir)
+    ensure_tiny_model(local.model_dir)
+    specs = local_specs(
+        local.count,
+        model_dir=local.model_dir,
+        served_model_name=local.served_model_name,
+        host=local.host,
+        base_port=local.base_port,
+        kv_events_base_port=local.kv_events_base_port,
+        block_size=local.block_size,
+        kv_cache_gib=local.kv_cache_gib,
+        max_model_len=local.max_model_len,
+        extra_args=local.extra_args,
+    )
+    fleet = EngineFleet(specs, local.log_dir)
+    logger.info("starting %d CPU vLLM engines (logs in %s); this takes about a minute", len(specs), local.log_dir)
+    fleet.start(timeout_s=local.startup_timeout_s)
+    engines = [
+        EngineConfig(name=s.name, url=s.url, kv_events_endpoint=s.kv_events_endpoint, models=[s.served_model_name])
+        for s in specs
+    ]
+    return engines, fleet
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(config: GatewayConfig) -> None:
+    from gateway.app import build_app
+
+    fleet = None
+    # Until uvicorn installs its own handlers, SIGTERM must unwind like Ctrl-C so the
+    # engines started so far are stopped.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        if config.local_engines is not None:
+            local, fleet = local_engine_configs(config.local_engines)
+            config = config.model_copy(update={"engines": local + config.engines})
+        app = build_app(config)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
+                           timeout_graceful_shutdown=10)
+        )  # fmt: skip
+        logger.info("gateway listening on http://%s:%d/v1", config.server.host, config.server.port)
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if fleet is not None:
+            logger.info("stopping local engines")
+            fleet.stop()  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefix-gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", default="configs/local.yaml", help="YAML configuration file")
+    parser.add_argument("--port", type=int, help="override server.port")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.port is not None:
+        config.server.port = args.port
+    serve(config)
+    return 0

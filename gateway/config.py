@@ -1,0 +1,172 @@
+"""Gateway configuration: one pydantic model per component, loaded from YAML.
+
+Every field has a visible default, so a config file only states what differs.
+`load_config` turns validation failures into a `ConfigError` whose message names
+the offending field by its dotted path (``routing.scorers.0.weight: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is meant for the operator."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: reject them.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Bearer token for admin endpoints (/admin/*, /debug/*). None disables them.
+    admin_token: str | None = None
+
+
+class EngineConfig(_Strict):
+    name: str = Field(min_length=1)
+    url: str
+    # ZMQ endpoint of the engine's KV-event publisher (tcp://host:port), if it has one.
+    kv_events_endpoint: str | None = None
+    # Models this engine serves; discovered from GET /v1/models when empty.
+    models: list[str] = Field(default_factory=list)
+    # Sent upstream as a bearer token when the engine was started with --api-key.
+    api_key: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class LocalEnginesConfig(_Strict):
+    """CPU vLLM engines the gateway launches itself (quick start, tests)."""
+
+    count: int = Field(default=2, ge=1, le=16)
+    host: str = "127.0.0.1"
+    base_port: int = Field(default=8100, ge=1024, le=65000)
+    kv_events_base_port: int = Field(default=5557, ge=1024, le=65000)
+    model_dir: str = ".cache/tiny-llama"
+    served_model_name: str = "tiny-llama"
+    block_size: int = Field(default=32, ge=16)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    max_model_len: int = Field(default=16384, ge=256)
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    log_dir: str = ".cache/engine-logs"
+
+    @field_validator("block_size")
+    @classmethod
+    def _cpu_block_size(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError("vLLM's CPU backend needs a multiple of 32")
+        return value
+
+
+class HealthConfig(_Strict):
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    # Consecutive failed checks before an engine leaves rotation.
+    unhealthy_threshold: int = Field(default=1, ge=1)
+    # Consecutive passing checks before it comes back.
+    healthy_threshold: int = Field(default=1, ge=1)
+
+
+class ProxyConfig(_Strict):
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    # Longest silence allowed between two bytes from the engine (time to first byte included).
+    read_timeout_s: float = Field(default=600.0, gt=0)
+    # Attempts on other engines after a failure that happened before any byte reached the client.
+    max_retries: int = Field(default=2, ge=0)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+
+class ScorerConfig(BaseModel):
+    """One scorer of a policy: its registered name, weight, and its own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    weight: float = Field(default=1.0, ge=0)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RoutingConfig(_Strict):
+    # A preset name (round_robin, least_loaded, session) or None when `scorers` is given.
+    policy: str | None = "least_loaded"
+    scorers: list[ScorerConfig] | None = None
+    # Header read by the session scorer (also usable by custom scorers).
+    session_header: str = "x-session-id"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RoutingConfig:
+        if self.scorers is not None and self.policy is not None and "policy" in self.model_fields_set:
+            raise ValueError("give either `policy` (a preset) or `scorers`, not both")
+        if self.scorers is not None:
+            self.policy = None
+        if self.policy is None and not self.scorers:
+            raise ValueError("needs a `policy` preset or a non-empty `scorers` list")
+        return self
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    engines: list[EngineConfig] = Field(default_factory=list)
+    local_engines: LocalEnginesConfig | None = None
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+
+    @model_validator(mode="after")
+    def _engines_present(self) -> GatewayConfig:
+        if not self.engines and self.local_engines is None:
+            raise ValueError("list at least one engine under `engines`, or set `local_engines`")
+        names = [e.name for e in self.engines]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"engine names must be unique; repeated: {', '.join(duplicated)}")
+        return self
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {path}: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,104 @@
+"""Active health checks: poll each engine's /health, /v1/models and /metrics in the background.
+
+An engine leaves rotation after `unhealthy_threshold` failed checks in a row and comes back
+after `healthy_threshold` passing ones. Passive ejection (connect errors seen by the proxy)
+lives in `gateway.endpoints.outlier`; a passing active check lifts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpx
+
+from engine_adapter.metrics import parse_engine_metrics
+from gateway.config import HealthConfig
+from gateway.endpoints.registry import Endpoint, EndpointRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        client: httpx.AsyncClient,
+        config: HealthConfig,
+        on_change: Callable[[Endpoint], None] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._client = client
+        self._config = config
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(e) for e in self._registry.endpoints))
+
+    async def check(self, endpoint: Endpoint) -> None:
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        timeout = self._config.timeout_s
+        try:
+            health = await self._client.get(f"{endpoint.url}/health", headers=headers, timeout=timeout)
+            health.raise_for_status()
+            models = await self._client.get(f"{endpoint.url}/v1/models", headers=headers, timeout=timeout)
+            models.raise_for_status()
+            metrics = await self._client.get(f"{endpoint.url}/metrics", headers=headers, timeout=timeout)
+        except (httpx.HTTPError, OSError) as exc:
+            self._record(endpoint, ok=False, reason=f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            cards = tuple(m for m in models.json()["data"] if isinstance(m.get("id"), str))
+            endpoint.model_cards = cards
+            endpoint.discovered_models = frozenset(m["id"] for m in cards)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._record(endpoint, ok=False, reason="malformed /v1/models")
+            return
+        if metrics.status_code == 200:
+            try:
+                endpoint.stats = parse_engine_metrics(metrics.text)
+            except ValueError:
+                logger.warning("engine %s: unparsable /metrics", endpoint.id)
+        self._record(endpoint, ok=True)
+
+    def _record(self, endpoint: Endpoint, *, ok: bool, reason: str = "") -> None:
+        was_healthy = endpoint.healthy
+        if ok:
+            endpoint.consecutive_failures = 0
+            endpoint.consecutive_successes += 1
+            endpoint.ejected_until = 0.0
+            if not endpoint.healthy and endpoint.consecutive_successes >= self._config.healthy_threshold:
+                endpoint.healthy = True
+        else:
+            endpoint.consecutive_successes = 0
+            endpoint.consecutive_failures += 1
+            if endpoint.healthy and endpoint.consecutive_failures >= self._config.unhealthy_threshold:
+                endpoint.healthy = False
+        if endpoint.healthy != was_healthy:
+            state = "back in rotation" if endpoint.healthy else f"out of rotation ({reason})"
+            logger.warning("engine %s %s", endpoint.id, state)
+            if self._on_change is not None:
+                self._on_change(endpoint)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:  # never let the checker die; log and keep polling
+                logger.exception("health check round failed")
+            await asyncio.sleep(self._config.interval_s)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="health-checker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

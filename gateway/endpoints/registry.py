@@ -1,0 +1,101 @@
+"""Endpoints (one engine each) and the registry that knows their health, models and load."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_adapter.metrics import EngineStats
+from gateway.config import EngineConfig
+from gateway.types import EngineId
+
+
+@dataclass(slots=True, eq=False)
+class Endpoint:
+    id: EngineId
+    url: str
+    kv_events_endpoint: str | None = None
+    api_key: str | None = None
+    # Models from the config; `discovered_models` comes from GET /v1/models.
+    configured_models: frozenset[str] = frozenset()
+    discovered_models: frozenset[str] = frozenset()
+    # The engine's own /v1/models entries, served back to clients as they are.
+    model_cards: tuple[dict[str, Any], ...] = ()
+    healthy: bool = True
+    # Operator-set: takes no new requests, finishes what it has.
+    draining: bool = False
+    in_flight: int = 0
+    stats: EngineStats | None = None
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    ejected_until: float = 0.0  # monotonic time; passive ejection after connect errors
+
+    @property
+    def models(self) -> frozenset[str]:
+        return self.configured_models | self.discovered_models
+
+    def available(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return self.healthy and not self.draining and now >= self.ejected_until
+
+    @property
+    def load(self) -> float:
+        """Requests on the engine: our own in-flight count, or the engine's view if larger
+        (other gateways share the engine; the scrape lags our own count)."""
+        if self.stats is None:
+            return float(self.in_flight)
+        engine_view = self.stats.num_requests_running + self.stats.num_requests_waiting
+        return max(float(self.in_flight), engine_view)
+
+
+@dataclass(slots=True)
+class EndpointRegistry:
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, engines: Iterable[EngineConfig]) -> EndpointRegistry:
+        return cls(
+            [
+                Endpoint(
+                    id=EngineId(e.name),
+                    url=e.url,
+                    kv_events_endpoint=e.kv_events_endpoint,
+                    api_key=e.api_key,
+                    configured_models=frozenset(e.models),
+                )
+                for e in engines
+            ]
+        )
+
+    def get(self, engine_id: str) -> Endpoint | None:
+        for endpoint in self.endpoints:
+            if endpoint.id == engine_id:
+                return endpoint
+        return None
+
+    def known_models(self) -> set[str]:
+        """Every model any engine serves or was configured for, healthy or not."""
+        models: set[str] = set()
+        for endpoint in self.endpoints:
+            models |= endpoint.models
+        return models
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """One card per model that an available engine serves (the first engine's card)."""
+        now = time.monotonic()
+        cards: dict[str, dict[str, Any]] = {}
+        for endpoint in self.endpoints:
+            if not endpoint.available(now):
+                continue
+            for card in endpoint.model_cards:
+                cards.setdefault(card["id"], card)
+            for model in endpoint.configured_models:
+                cards.setdefault(model, {"id": model, "object": "model", "created": 0, "owned_by": "vllm"})
+        return [cards[m] for m in sorted(cards)]
+
+    def candidates(self, model: str, excluded: Iterable[str] = ()) -> Sequence[Endpoint]:
+        now = time.monotonic()
+        skip = set(excluded)
+        return [e for e in self.endpoints if model in e.models and e.id not in skip and e.available(now)]

@@ -1,0 +1,88 @@
+"""The gateway's error tree and its OpenAI-shaped JSON rendering.
+
+    GatewayError                      any error the gateway itself reports
+    ├── BadRequest (400)              invalid JSON, missing/invalid fields
+    ├── Unauthorized (401)
+    ├── ModelNotFound (404)
+    ├── PayloadTooLarge (413)
+    ├── NoHealthyEndpoint (503)       the model exists but no engine can take it now
+    └── UpstreamError (502)           an engine failed before answering
+        ├── UpstreamConnectError (502)
+        └── UpstreamTimeout (504)
+
+Foreign exceptions (httpx) are mapped to this tree in `gateway.proxy.upstream` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+
+class GatewayError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.code, self.param)
+
+
+class BadRequest(GatewayError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class NoHealthyEndpoint(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "no_healthy_engine"
+
+
+class UpstreamError(GatewayError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "bad_gateway"
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "engine_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    error_type = "timeout"
+    code = "engine_timeout"
+
+
+def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)

@@ -1,0 +1,95 @@
+"""Pass an engine's response to the client byte for byte, as it arrives.
+
+`PassthroughResponse` is an ASGI response that forwards `aiter_raw()` chunks unchanged (no
+SSE parsing, no buffering), watches for the client going away, and in every case closes the
+upstream response, so an abandoned stream makes the engine abort the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import error_body
+from gateway.proxy.upstream import response_headers
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal["complete", "client_disconnected", "upstream_failed"]
+
+
+class PassthroughResponse(Response):
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        extra_headers: dict[str, str],
+        on_first_byte: Callable[[], None],
+        on_finish: Callable[[Outcome], None],
+    ) -> None:
+        self._upstream = upstream
+        self._headers = response_headers(upstream.headers) + [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()
+        ]
+        self._on_first_byte = on_first_byte
+        self._on_finish = on_finish
+        self.status_code = upstream.status_code
+        self.background = None
+        self._upstream_done = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome: Outcome = "complete"
+        try:
+            async with anyio.create_task_group() as tasks:
+
+                async def watch_disconnect() -> None:
+                    nonlocal outcome
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            # A disconnect after the engine's last byte is the normal end.
+                            if not self._upstream_done:
+                                outcome = "client_disconnected"
+                            tasks.cancel_scope.cancel()
+                            return
+
+                tasks.start_soon(watch_disconnect)
+                outcome = await self._forward(send)
+                tasks.cancel_scope.cancel()
+        except OSError:
+            # The server could not write to the client: it is gone.
+            outcome = "client_disconnected"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+            self._on_finish(outcome)
+
+    async def _forward(self, send: Send) -> Outcome:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self._headers})
+        first = True
+        try:
+            async for chunk in self._upstream.aiter_raw():
+                if first:
+                    first = False
+                    self._on_first_byte()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            # Bytes already reached the client: no retry is possible. For an event stream,
+            # say what happened in-band the way vLLM reports its own stream errors.
+            logger.warning("upstream failed mid-response: %s", exc)
+            tail = b""
+            if self._upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                body = error_body(f"engine failed mid-stream: {type(exc).__name__}", "upstream_error", "bad_gateway")
+                tail = b"data: " + json.dumps(body).encode() + b"\n\n"
+            self._upstream_done = True
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return "upstream_failed"
+        self._upstream_done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return "complete"

@@ -1,0 +1,84 @@
+"""The scorer contract. A policy is a weighted sum of scorers; each scorer is one file in
+`gateway/routing/scorers/` registered under the name YAML uses.
+
+Scorers are synchronous and cheap: they read what the request and the endpoints already
+carry (load, health, prefix matches computed once per request) and never do I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from gateway.endpoints.registry import Endpoint
+from gateway.types import EngineId, RoutingRequest
+
+
+class ScorerParams(BaseModel):
+    """Base of each scorer's own YAML parameters (unknown keys are rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Scorer(Protocol):
+    name: ClassVar[str]
+
+    def score(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> Mapping[EngineId, float]:
+        """Score each candidate in [0, 1] (higher is better). Engines left out score 0.
+
+        Must not mutate shared state: `/debug/route` calls it without routing.
+        """
+        ...
+
+    def on_routed(self, request: RoutingRequest, endpoint: Endpoint) -> None:
+        """Called once the router has chosen `endpoint` (stateful scorers update here)."""
+        ...
+
+
+class ScorerFactory(Protocol):
+    Params: type[ScorerParams]
+
+    def __call__(self, params: Any, context: ScorerContext) -> Scorer: ...
+
+
+class ScorerContext(BaseModel):
+    """What the gateway hands every scorer at construction (explicit dependencies)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    session_header: str = "x-session-id"
+    # Later components (prefix index, cost model) are attached here by name.
+    services: dict[str, Any] = {}
+
+
+SCORERS: dict[str, Any] = {}
+T = TypeVar("T")
+
+
+def register(name: str) -> Callable[[T], T]:
+    """Class decorator: make a scorer selectable in YAML under `name`."""
+
+    def wrap(cls: T) -> T:
+        if name in SCORERS:
+            raise ValueError(f"scorer {name!r} registered twice")
+        cls.name = name  # type: ignore[attr-defined]
+        SCORERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class BaseScorer:
+    """Convenience base: no-op `on_routed`, params stored."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[ScorerParams]] = ScorerParams
+
+    def __init__(self, params: ScorerParams, context: ScorerContext) -> None:
+        self.params = params
+        self.context = context
+
+    def on_routed(self, request: RoutingRequest, endpoint: Endpoint) -> None:
+        return None

@@ -1,0 +1,63 @@
+"""Turn the `routing:` section of the YAML into scorer instances with weights."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from gateway.config import ConfigError, RoutingConfig, ScorerConfig, format_validation_error
+from gateway.routing import scorers as builtin_scorers
+from gateway.routing.base import SCORERS, Scorer, ScorerContext
+
+# Presets: the names operators use most, as scorer lists. A small least_loaded term breaks
+# ties so that, for example, requests without a session header still spread by load.
+PRESETS: dict[str, list[dict[str, object]]] = {
+    "round_robin": [{"name": "round_robin", "weight": 1.0}],
+    "least_loaded": [{"name": "least_loaded", "weight": 1.0}],
+    "session": [{"name": "session", "weight": 1.0}, {"name": "least_loaded", "weight": 0.01}],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+
+
+def load_builtin_scorers() -> None:
+    for module in pkgutil.iter_modules(builtin_scorers.__path__):
+        importlib.import_module(f"{builtin_scorers.__name__}.{module.name}")
+
+
+def build_scorers(config: RoutingConfig, context: ScorerContext) -> list[WeightedScorer]:
+    load_builtin_scorers()
+    if config.scorers is not None:
+        entries, where = config.scorers, "routing.scorers"
+    else:
+        assert config.policy is not None
+        if config.policy not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            raise ConfigError(f"routing.policy: unknown preset {config.policy!r} (known: {known})")
+        entries = [ScorerConfig.model_validate(e) for e in PRESETS[config.policy]]
+        where = f"routing.policy[{config.policy}]"
+    built = []
+    for i, entry in enumerate(entries):
+        cls = SCORERS.get(entry.name)
+        if cls is None:
+            known = ", ".join(sorted(SCORERS))
+            raise ConfigError(f"{where}.{i}.name: unknown scorer {entry.name!r} (known: {known})")
+        try:
+            params = cls.Params.model_validate(entry.params)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, f"{where}.{i} ({entry.name})")) from None
+        built.append(WeightedScorer(cls(params, context), entry.weight))
+    return built
+
+
+def policy_label(config: RoutingConfig) -> str:
+    if config.policy is not None:
+        return config.policy
+    return "+".join(s.name for s in config.scorers or [])

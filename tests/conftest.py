@@ -1,0 +1,71 @@
+"""Session-wide fixtures. Real CPU vLLM engines are slow to start (about a minute), so the
+whole run shares one fleet; tests that break an engine restore it before they return."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine_adapter.launch.launcher import EngineFleet, EngineSpec, local_specs
+from tests.harness import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "tiny-llama"
+EMBED_MODEL_NAME = "tiny-embed"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from engine_adapter.launch.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model(ROOT / ".cache" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def engine_fleet(tiny_model_dir: Path) -> Iterator[EngineFleet]:
+    specs = local_specs(
+        2,
+        model_dir=str(tiny_model_dir),
+        served_model_name=MODEL_NAME,
+        base_port=free_port(),
+        kv_events_base_port=5557,  # replaced by free ports below
+    )
+    # An embeddings engine (same weights, pooling runner) proves /v1/embeddings routing.
+    specs.append(
+        EngineSpec(
+            name="embed-0",
+            model_dir=str(tiny_model_dir),
+            served_model_name=EMBED_MODEL_NAME,
+            port=0,
+            max_model_len=2048,
+            cpu_bind="1" if (os.cpu_count() or 1) > 1 else "0",
+            extra_args=("--runner", "pooling", "--convert", "embed"),
+        )
+    )
+    # Consecutive ports from one free port may collide; give each engine its own.
+    specs = [_with_ports(s) for s in specs]
+    fleet = EngineFleet(specs, ROOT / ".cache" / "test-engine-logs")
+    fleet.start(timeout_s=float(os.environ.get("ENGINE_STARTUP_TIMEOUT_S", "400")))
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def _with_ports(spec: EngineSpec) -> EngineSpec:
+    from dataclasses import replace
+
+    events = None if spec.kv_events_port is None else free_port()
+    return replace(spec, port=free_port(), kv_events_port=events)
+
+
+@pytest.fixture(scope="session")
+def engine_configs(engine_fleet: EngineFleet) -> list[dict[str, Any]]:
+    return [
+        {"name": e.spec.name, "url": e.spec.url, "kv_events_endpoint": e.spec.kv_events_endpoint}
+        for e in engine_fleet.engines
+    ]
