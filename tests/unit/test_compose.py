@@ -1,0 +1,43 @@
+"""docker-compose.yml cannot run here (no Docker engine); check it says what the README promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from gateway.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compose_file_wires_gateway_and_two_engines() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"gateway", "engine-0", "engine-1"} <= set(services)
+    gateway = services["gateway"]
+    assert "8000:8000" in gateway["ports"]
+    assert any(v.startswith("./configs/compose.yaml:") for v in gateway["volumes"])
+    config_path = next(v for v in gateway["volumes"] if v.startswith("./configs/")).split(":")[1]
+    assert gateway["command"][-1] == config_path
+    for name in ("engine-0", "engine-1"):
+        engine = services[name]
+        assert engine["image"].startswith("vllm/vllm-openai")
+        args = " ".join(engine["command"])
+        assert "--enable-prefix-caching" in args
+        assert "--enable-prompt-tokens-details" in args
+        assert '"enable_kv_cache_events":true' in args and "tcp://*:5557" in args
+        assert engine["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_compose_gateway_config_points_at_the_services() -> None:
+    config = load_config(ROOT / "configs" / "compose.yaml")
+    assert config.server.port == 8000
+    assert [e.url for e in config.engines] == ["http://engine-0:8000", "http://engine-1:8000"]
+    assert [e.kv_events_endpoint for e in config.engines] == ["tcp://engine-0:5557", "tcp://engine-1:5557"]
+
+
+def test_readme_gives_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme and "docker compose up" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
