@@ -13,18 +13,27 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.admin import build_admin_router
+from gateway.api.debug import build_debug_router
 from gateway.api.openai import build_openai_router
 from gateway.config import GatewayConfig
 from gateway.endpoints.health import HealthChecker
 from gateway.endpoints.outlier import OutlierDetector
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.errors import GatewayError, error_body, error_response
+from gateway.kvindex.feeds import EventFeeds
+from gateway.kvindex.ingest import IndexIngestor
+from gateway.kvindex.memory import InMemoryIndex
+from gateway.kvindex.service import PrefixService
+from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.dispatcher import Dispatcher
 from gateway.proxy.upstream import build_client
 from gateway.routing.base import ScorerContext
 from gateway.routing.registry import build_scorers, policy_label
+from gateway.routing.cost_model import CostModel
 from gateway.routing.router import Router
+from gateway.tokenization.render import EngineRenderTokenizer
+from gateway.tokenization.tokenizer import HFPromptTokenizer, PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +45,19 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
     """
     registry = EndpointRegistry.from_config(config.engines)
     metrics = GatewayMetrics()
-    context = ScorerContext(session_header=config.routing.session_header)
+    kv = config.kv_index
+    working_sets = WorkingSetTracker(window_s=kv.working_set_window_s)
+    cost_model = CostModel()
+    context = ScorerContext(
+        session_header=config.routing.session_header,
+        block_size=kv.block_size,
+        working_sets=working_sets,
+        cost_model=cost_model,
+    )
     # Built here, not in the lifespan, so a bad policy fails before the server starts.
     router = Router(registry, build_scorers(config.routing, context), policy_label(config.routing))
+    index = InMemoryIndex(capacity_chunks=kv.capacity_chunks)
+    ingestor = IndexIngestor(index, kv.block_size, registry.model_of, on_reset=lambda e, r: working_sets.forget(e))
 
     def on_health_change(endpoint: Endpoint) -> None:
         metrics.engine_healthy.labels(endpoint.id).set(1 if endpoint.healthy else 0)
@@ -48,29 +67,71 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
         upstream = build_client(config.proxy, transport)
         control = httpx.AsyncClient(transport=transport)
         checker = HealthChecker(registry, control, config.health, on_health_change)
-        app.state.dispatcher = Dispatcher(router, upstream, OutlierDetector(registry), metrics, config.proxy)
+        prefix = None
+        feeds = EventFeeds(registry, ingestor, replay_timeout_s=kv.replay_timeout_s)
+        tokenizers = build_tokenizers(config, control, registry)
+        if kv.enabled:
+            prefix = PrefixService(
+                index, tokenizers, tokenizers.get("*"), registry, working_sets,
+                block_size=kv.block_size, speculative_ttl_s=kv.speculative_ttl_s,
+                approximate_ttl_s=kv.approximate_ttl_s,
+            )  # fmt: skip
+        app.state.prefix = prefix
+        app.state.feeds = feeds
+        app.state.cost_model = cost_model
+        app.state.dispatcher = Dispatcher(
+            router, upstream, OutlierDetector(registry), metrics, config.proxy, prefix, cost_model
+        )
         app.state.health_checker = checker
         # Know each engine's models and health before the first request arrives.
         await checker.check_all()
         for endpoint in registry.endpoints:
             on_health_change(endpoint)
         checker.start()
+        if kv.enabled:
+            if kv.discover_event_sources:
+                await feeds.discover(control)
+            feeds.start()
         try:
             yield
         finally:
+            await feeds.stop()
             await checker.stop()
             await upstream.aclose()
             await control.aclose()
+            for tokenizer in tokenizers.values():
+                close = getattr(tokenizer, "close", None)
+                if close is not None:
+                    close()
 
     app = FastAPI(title="prefix-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.registry = registry
+    app.state.index = index
+    app.state.ingestor = ingestor
     app.state.metrics = metrics
     app.state.router = router
     app.include_router(build_openai_router())
     app.include_router(build_admin_router())
+    app.include_router(build_debug_router())
     install_error_handlers(app)
     return app
+
+
+def build_tokenizers(
+    config: GatewayConfig, client: httpx.AsyncClient, registry: EndpointRegistry
+) -> dict[str, PromptTokenizer]:
+    """Per model: a local tokenizer or the engines' /render. Key "*" is the default."""
+    render = EngineRenderTokenizer(client, lambda: next(iter(registry.candidates_any()), None))
+    tokenizers: dict[str, PromptTokenizer] = {"*": render}
+    for model in config.models:
+        if model.tokenizer == "engine":
+            tokenizers[model.name] = render
+        else:
+            tokenizers[model.name] = HFPromptTokenizer(
+                model.tokenizer, offload_min_chars=config.kv_index.tokenize_offload_min_chars
+            )
+    return tokenizers
 
 
 def install_error_handlers(app: FastAPI) -> None:

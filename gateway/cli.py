@@ -15,7 +15,7 @@ from types import FrameType
 
 import uvicorn
 
-from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig, load_config
+from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig, ModelConfig, load_config
 
 logger = logging.getLogger("gateway")
 
@@ -63,7 +63,12 @@ def serve(config: GatewayConfig) -> None:
     try:
         if config.local_engines is not None:
             local, fleet = local_engine_configs(config.local_engines)
-            config = config.model_copy(update={"engines": local + config.engines})
+            updates: dict[str, object] = {"engines": local + config.engines}
+            name = config.local_engines.served_model_name
+            if not any(m.name == name for m in config.models):
+                # The gateway tokenizes locally with the very files the engines load.
+                updates["models"] = [*config.models, ModelConfig(name=name, tokenizer=config.local_engines.model_dir)]
+            config = config.model_copy(update=updates)
         app = build_app(config)
         server = uvicorn.Server(
             uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",

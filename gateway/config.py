@@ -8,7 +8,7 @@ the offending field by its dotted path (``routing.scorers.0.weight: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,10 @@ class EngineConfig(_Strict):
     url: str
     # ZMQ endpoint of the engine's KV-event publisher (tcp://host:port), if it has one.
     kv_events_endpoint: str | None = None
+    # ROUTER socket the engine resends missed event batches from (vLLM replay_endpoint).
+    kv_events_replay_endpoint: str | None = None
+    # KV-cache capacity in blocks; read from the engine's metrics when unset.
+    kv_capacity_blocks: int | None = Field(default=None, ge=1)
     # Models this engine serves; discovered from GET /v1/models when empty.
     models: list[str] = Field(default_factory=list)
     # Sent upstream as a bearer token when the engine was started with --api-key.
@@ -70,6 +74,34 @@ class LocalEnginesConfig(_Strict):
         if value % 32:
             raise ValueError("vLLM's CPU backend needs a multiple of 32")
         return value
+
+
+class ModelConfig(_Strict):
+    name: str
+    # Where the gateway gets token ids: a local Hugging Face tokenizer directory (fast, no
+    # extra hop), or "engine" to ask an engine's /render endpoint (vLLM --enable-scale-out).
+    tokenizer: str = "engine"
+
+
+class KVIndexConfig(_Strict):
+    enabled: bool = True
+    # Must equal the engines' KV block size (vLLM --block-size); keys line up with blocks.
+    block_size: int = Field(default=32, ge=1)
+    backend: Literal["memory"] = "memory"
+    # Upper bound on distinct chunk keys held (LRU beyond it); ~200 bytes each.
+    capacity_chunks: int = Field(default=2_000_000, ge=1000)
+    # Entries written at routing time, until the engine's own events arrive.
+    speculative_ttl_s: float = Field(default=10.0, gt=0)
+    # For engines without an event stream: what was routed there is assumed cached this long.
+    approximate_ttl_s: float = Field(default=120.0, gt=0)
+    # Working set: chunks routed to an engine within this window must fit its KV cache.
+    working_set_window_s: float = Field(default=120.0, gt=0)
+    # Prompts longer than this (characters) are tokenized in a worker thread.
+    tokenize_offload_min_chars: int = Field(default=2048, ge=0)
+    # vLLM replay sockets answer within this; a gap it cannot fill drops the engine's entries.
+    replay_timeout_s: float = Field(default=2.0, gt=0)
+    # Discover KV-event endpoints from GET /kv_event_sources for engines that list none.
+    discover_event_sources: bool = True
 
 
 class HealthConfig(_Strict):
@@ -125,6 +157,8 @@ class GatewayConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     engines: list[EngineConfig] = Field(default_factory=list)
     local_engines: LocalEnginesConfig | None = None
+    models: list[ModelConfig] = Field(default_factory=list)
+    kv_index: KVIndexConfig = Field(default_factory=KVIndexConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

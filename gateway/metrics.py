@@ -34,6 +34,26 @@ class GatewayMetrics:
         self.upstream_retries = Counter(
             "gateway_upstream_retries", "Requests retried on another engine, by reason.", ["reason"], registry=r
         )
+        self.predicted_cached_tokens = Counter(
+            "gateway_predicted_cached_tokens", "Prompt tokens the gateway predicted the engine had cached.",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        self.engine_cached_tokens = Counter(
+            "gateway_engine_cached_tokens", "Prompt tokens the engine reported as cached (usage.prompt_tokens_details).",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens", "Prompt tokens of answered requests, as the engine counted them.",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        self.prediction_error = Histogram(
+            "gateway_cached_tokens_prediction_error", "Engine-reported minus predicted cached tokens.",
+            buckets=(-4096, -1024, -256, -64, -32, -1, 0, 32, 64, 256, 1024, 4096), registry=r,
+        )  # fmt: skip
+        self.predictions = Counter(
+            "gateway_cached_tokens_predictions", "Checked predictions: within_one_block, under, over.",
+            ["verdict"], registry=r,
+        )  # fmt: skip
         self.client_disconnects = Counter(
             "gateway_client_disconnects", "Responses abandoned by the client mid-way.", ["route"], registry=r
         )

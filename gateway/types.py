@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import TYPE_CHECKING, Any, NewType
+
+if TYPE_CHECKING:
+    from gateway.kvindex.base import PrefixMatch
 
 EngineId = NewType("EngineId", str)
+# The gateway's own chained chunk keys (from token ids); never mixed with engine block
+# hashes, which arrive in KV events (engine_adapter.events.model.EngineBlockHash).
+RequestChunkKey = NewType("RequestChunkKey", int)
 
 
 @dataclass(slots=True)
@@ -20,3 +26,8 @@ class RoutingRequest:
     stream: bool = False
     # Engines already tried for this request (retries exclude them).
     excluded: set[EngineId] = field(default_factory=set)
+    # Filled by the prefix service before routing (None: no routable prompt).
+    num_prompt_tokens: int | None = None
+    chunk_keys: list[RequestChunkKey] = field(default_factory=list)
+    # Per engine, the longest prefix of chunk_keys it holds (one index lookup per request).
+    prefix_matches: dict[EngineId, PrefixMatch] = field(default_factory=dict)

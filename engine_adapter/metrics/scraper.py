@@ -17,6 +17,9 @@ class EngineStats:
     prefix_cache_hits: float = 0.0  # tokens hit, cumulative
     # Cumulative prompt tokens by source: local_cache_hit, local_compute, external_kv_transfer.
     prompt_tokens_by_source: dict[str, float] = field(default_factory=dict)
+    # From vllm:cache_config_info: KV-cache capacity in blocks, and the block size.
+    num_gpu_blocks: int | None = None
+    block_size: int | None = None
     scraped_at: float = 0.0  # time.monotonic()
 
 
@@ -36,12 +39,16 @@ def parse_engine_metrics(text: str, now: float | None = None) -> EngineStats:
     """Sum each metric over its label sets (data-parallel ranks, model names)."""
     values: dict[str, float] = {}
     by_source: dict[str, float] = {}
+    info: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in _GAUGES:
                 key = _GAUGES[sample.name]
             elif sample.name in _COUNTERS:
                 key = _COUNTERS[sample.name]
+            elif sample.name == "vllm:cache_config_info":
+                info.update(sample.labels)
+                continue
             elif sample.name == "vllm:prompt_tokens_by_source_total":
                 source = sample.labels.get("source", "unknown")
                 by_source[source] = by_source.get(source, 0.0) + sample.value
@@ -52,5 +59,14 @@ def parse_engine_metrics(text: str, now: float | None = None) -> EngineStats:
     return EngineStats(
         **values,
         prompt_tokens_by_source=by_source,
+        num_gpu_blocks=_int_label(info, "num_gpu_blocks"),
+        block_size=_int_label(info, "block_size"),
         scraped_at=time.monotonic() if now is None else now,
     )
+
+
+def _int_label(labels: dict[str, str], name: str) -> int | None:
+    try:
+        return int(labels[name])
+    except (KeyError, ValueError):
+        return None

@@ -55,6 +55,17 @@ def request_id_for(request: Request) -> str:
     return f"gw-{uuid.uuid4().hex}"
 
 
+def routing_request_from(request: Request, data: dict[str, Any], api_path: str) -> RoutingRequest:
+    return RoutingRequest(
+        model=data["model"],
+        api_path=api_path,
+        body=data,
+        headers={k.lower(): v for k, v in request.headers.items()},
+        request_id=request_id_for(request),
+        stream=bool(data.get("stream", False)),
+    )
+
+
 def build_openai_router() -> APIRouter:
     router = APIRouter()
 
@@ -63,14 +74,7 @@ def build_openai_router() -> APIRouter:
         dispatcher: Dispatcher = request.app.state.dispatcher
         body = await read_body(request, request.app.state.config.proxy.max_body_bytes)
         data = parse_json_object(body)
-        routing_request = RoutingRequest(
-            model=data["model"],
-            api_path=request.url.path,
-            body=data,
-            headers={k.lower(): v for k, v in request.headers.items()},
-            request_id=request_id_for(request),
-            stream=bool(data.get("stream", False)),
-        )
+        routing_request = routing_request_from(request, data, request.url.path)
         return await dispatcher.dispatch(routing_request, body, started_at)
 
     for path in PROXIED_ROUTES:

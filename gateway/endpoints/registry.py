@@ -17,6 +17,8 @@ class Endpoint:
     id: EngineId
     url: str
     kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
+    kv_capacity_blocks: int | None = None
     api_key: str | None = None
     # Models from the config; `discovered_models` comes from GET /v1/models.
     configured_models: frozenset[str] = frozenset()
@@ -27,6 +29,8 @@ class Endpoint:
     # Operator-set: takes no new requests, finishes what it has.
     draining: bool = False
     in_flight: int = 0
+    # Predicted prefill seconds of our requests sent here that have no first byte yet.
+    pending_prefill_s: float = 0.0
     stats: EngineStats | None = None
     consecutive_failures: int = 0
     consecutive_successes: int = 0
@@ -39,6 +43,16 @@ class Endpoint:
     def available(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         return self.healthy and not self.draining and now >= self.ejected_until
+
+    @property
+    def capacity_blocks(self) -> int | None:
+        if self.kv_capacity_blocks is not None:
+            return self.kv_capacity_blocks
+        return None if self.stats is None else self.stats.num_gpu_blocks
+
+    @property
+    def num_decoding(self) -> float:
+        return self.stats.num_requests_running if self.stats is not None else float(self.in_flight)
 
     @property
     def load(self) -> float:
@@ -62,6 +76,8 @@ class EndpointRegistry:
                     id=EngineId(e.name),
                     url=e.url,
                     kv_events_endpoint=e.kv_events_endpoint,
+                    kv_events_replay_endpoint=e.kv_events_replay_endpoint,
+                    kv_capacity_blocks=e.kv_capacity_blocks,
                     api_key=e.api_key,
                     configured_models=frozenset(e.models),
                 )
@@ -94,6 +110,28 @@ class EndpointRegistry:
             for model in endpoint.configured_models:
                 cards.setdefault(model, {"id": model, "object": "model", "created": 0, "owned_by": "vllm"})
         return [cards[m] for m in sorted(cards)]
+
+    def base_model(self, model: str) -> tuple[str, str | None]:
+        """(base model, LoRA adapter or None): vLLM lists adapters with their base as parent."""
+        for endpoint in self.endpoints:
+            for card in endpoint.model_cards:
+                if card.get("id") == model and card.get("parent"):
+                    return str(card["parent"]), model
+        return model, None
+
+    def model_of(self, engine_id: str) -> str | None:
+        """The (first) base model an engine serves: the root of its event chains."""
+        endpoint = self.get(engine_id)
+        if endpoint is None:
+            return None
+        for card in endpoint.model_cards:
+            if not card.get("parent"):
+                return str(card["id"])
+        return min(endpoint.configured_models) if endpoint.configured_models else None
+
+    def candidates_any(self) -> Sequence[Endpoint]:
+        now = time.monotonic()
+        return [e for e in self.endpoints if e.available(now)]
 
     def candidates(self, model: str, excluded: Iterable[str] = ()) -> Sequence[Endpoint]:
         now = time.monotonic()

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.errors import error_body
 from gateway.proxy.upstream import response_headers
+from gateway.proxy.usage import UsageTap
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class PassthroughResponse(Response):
         extra_headers: dict[str, str],
         on_first_byte: Callable[[], None],
         on_finish: Callable[[Outcome], None],
+        tap: UsageTap | None = None,
     ) -> None:
         self._upstream = upstream
         self._headers = response_headers(upstream.headers) + [
@@ -39,6 +41,7 @@ class PassthroughResponse(Response):
         ]
         self._on_first_byte = on_first_byte
         self._on_finish = on_finish
+        self._tap = tap
         self.status_code = upstream.status_code
         self.background = None
         self._upstream_done = False
@@ -78,6 +81,10 @@ class PassthroughResponse(Response):
                 if first:
                     first = False
                     self._on_first_byte()
+                if self._tap is not None:
+                    chunk = self._tap.feed(chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             # Bytes already reached the client: no retry is possible. For an event stream,
@@ -91,5 +98,6 @@ class PassthroughResponse(Response):
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return "upstream_failed"
         self._upstream_done = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        tail = self._tap.finish() if self._tap is not None else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
         return "complete"

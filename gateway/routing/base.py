@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from dataclasses import dataclass, field
+
 from pydantic import BaseModel, ConfigDict
 
 from gateway.endpoints.registry import Endpoint
+from gateway.kvindex.working_set import WorkingSetTracker
+from gateway.routing.cost_model import CostModel
 from gateway.types import EngineId, RoutingRequest
 
 
@@ -43,14 +47,14 @@ class ScorerFactory(Protocol):
     def __call__(self, params: Any, context: ScorerContext) -> Scorer: ...
 
 
-class ScorerContext(BaseModel):
+@dataclass
+class ScorerContext:
     """What the gateway hands every scorer at construction (explicit dependencies)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
     session_header: str = "x-session-id"
-    # Later components (prefix index, cost model) are attached here by name.
-    services: dict[str, Any] = {}
+    block_size: int = 32
+    working_sets: WorkingSetTracker = field(default_factory=WorkingSetTracker)
+    cost_model: CostModel = field(default_factory=CostModel)
 
 
 SCORERS: dict[str, Any] = {}

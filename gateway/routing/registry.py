@@ -18,6 +18,14 @@ PRESETS: dict[str, list[dict[str, object]]] = {
     "round_robin": [{"name": "round_robin", "weight": 1.0}],
     "least_loaded": [{"name": "least_loaded", "weight": 1.0}],
     "session": [{"name": "session", "weight": 1.0}, {"name": "least_loaded", "weight": 0.01}],
+    # Cached prefix first; new prefix groups go where their working set fits; load breaks ties.
+    "prefix": [
+        {"name": "prefix", "weight": 1.0},
+        {"name": "capacity", "weight": 0.3},
+        {"name": "least_loaded", "weight": 0.2},
+    ],
+    # Estimated time to first token (queue + uncached prefill), with the same capacity term.
+    "kv_aware": [{"name": "kv_aware", "weight": 1.0}, {"name": "capacity", "weight": 0.3}],
 }
 
 

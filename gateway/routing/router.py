@@ -30,6 +30,10 @@ class Router:
         self._tie_breaker = itertools.count()
 
     @property
+    def scorers(self) -> Sequence[WeightedScorer]:
+        return self._scorers
+
+    @property
     def policy(self) -> str:
         return self._policy
 

@@ -139,13 +139,15 @@ def test_abandoned_stream_is_aborted_on_the_engine(gateway: GatewayServer, engin
         # published once per engine step, a little after the first tokens).
         deadline = time.monotonic() + 10
         seen_running = False
-        for _ in resp.iter_raw():
+        received = b""
+        for chunk in resp.iter_raw():
+            received += chunk
             if engine_running(engine_url) >= 1:
                 seen_running = True
                 break
             if time.monotonic() > deadline:
                 break
-        assert seen_running, "the engine never reported the streaming request as running"
+        assert seen_running, f"the engine never reported the stream as running; got {received[-500:]!r}"
     # Leaving the block closes the connection mid-stream.
     deadline = time.monotonic() + 5
     while engine_running(engine_url) != 0:

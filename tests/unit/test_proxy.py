@@ -30,6 +30,10 @@ class FakeFleet:
             return httpx.Response(200, json=MODELS)
         if request.url.path == "/metrics":
             return httpx.Response(200, text="")
+        if request.url.path == "/kv_event_sources":
+            return httpx.Response(200, json={})
+        if request.url.path.endswith("/render"):
+            return httpx.Response(403, json={"error": {"message": "Scale-out endpoints are disabled."}})
         self.calls.append(host)
         return self.behaviour.get(host, ok)(request)
 

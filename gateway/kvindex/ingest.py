@@ -1,0 +1,120 @@
+"""Apply engines' KV events to the index, bridging the two key spaces.
+
+Engines name blocks by their own hash (`EngineBlockHash`, depends on the engine's hash
+settings); the gateway names chunks by its chained xxhash of token ids (`RequestChunkKey`).
+A `ChunkStored` event carries the blocks' token ids and the parent's engine hash, so the
+gateway key of each new block is computed from the parent's gateway key and the tokens, and
+`engine hash → gateway key` is remembered per engine for the `ChunkRemoved` events, which
+carry engine hashes only. The only setting that must match the engine is the block size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine_adapter.events.model import AllChunksCleared, ChunkRemoved, ChunkStored, EngineBlockHash, EventBatch
+from gateway.kvindex.base import ChunkIndex
+from gateway.tokenization.chunking import chain_root, chunk_keys
+from gateway.types import EngineId, RequestChunkKey
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class IngestStats:
+    blocks_stored: int = 0
+    blocks_removed: int = 0
+    orphan_blocks: int = 0  # parent unknown: stored before we subscribed, or lost
+    block_size_mismatches: int = 0
+    resets: int = 0
+
+
+class IndexIngestor:
+    """An `EventSink` for `engine_adapter.events.subscriber`."""
+
+    def __init__(
+        self,
+        index: ChunkIndex,
+        block_size: int,
+        model_of: Callable[[EngineId], str | None],
+        on_reset: Callable[[EngineId, str], None] | None = None,
+    ) -> None:
+        self._index = index
+        self._block_size = block_size
+        self._model_of = model_of
+        self._on_reset = on_reset
+        self._keys: dict[EngineId, dict[EngineBlockHash, RequestChunkKey]] = {}
+        # How many tiers of the engine hold each block: the mapping lives while any does.
+        self._tiers_holding: dict[EngineId, dict[EngineBlockHash, int]] = {}
+        self.stats = IngestStats()
+
+    def apply(self, engine_id: str, batch: EventBatch) -> None:
+        engine = EngineId(engine_id)
+        for event in batch.events:
+            if isinstance(event, ChunkStored):
+                self._stored(engine, event)
+            elif isinstance(event, ChunkRemoved):
+                self._removed(engine, event)
+            elif isinstance(event, AllChunksCleared):
+                self._clear(engine)
+
+    def reset(self, engine_id: str, reason: str) -> None:
+        engine = EngineId(engine_id)
+        self.stats.resets += 1
+        self._clear(engine)
+        if self._on_reset is not None:
+            self._on_reset(engine, reason)
+
+    def known_blocks(self, engine: EngineId) -> int:
+        return len(self._keys.get(engine, {}))
+
+    def _stored(self, engine: EngineId, event: ChunkStored) -> None:
+        if event.block_size != self._block_size:
+            self.stats.block_size_mismatches += 1
+            logger.error("engine %s uses block size %d, the index %d: set kv_index.block_size to match",
+                         engine, event.block_size, self._block_size)  # fmt: skip
+            return
+        mapping = self._keys.setdefault(engine, {})
+        holding = self._tiers_holding.setdefault(engine, {})
+        if event.parent_block_hash is None:
+            model = self._model_of(engine)
+            if model is None:
+                self.stats.orphan_blocks += len(event.block_hashes)
+                return
+            parent: int | None = chain_root(model, event.lora_name, event.cache_salt)
+        else:
+            parent = mapping.get(event.parent_block_hash)
+        if parent is None:
+            self.stats.orphan_blocks += len(event.block_hashes)
+            return
+        keys = chunk_keys(event.token_ids, self._block_size, parent)
+        for engine_hash, key in zip(event.block_hashes, keys):
+            mapping[engine_hash] = key
+            holding[engine_hash] = holding.get(engine_hash, 0) + 1
+        self._index.add(engine, keys, event.medium)
+        self.stats.blocks_stored += len(keys)
+
+    def _removed(self, engine: EngineId, event: ChunkRemoved) -> None:
+        mapping = self._keys.get(engine, {})
+        holding = self._tiers_holding.get(engine, {})
+        keys = []
+        for engine_hash in event.block_hashes:
+            key = mapping.get(engine_hash)
+            if key is None:
+                continue
+            keys.append(key)
+            remaining = holding.get(engine_hash, 1) - 1
+            if remaining <= 0:
+                holding.pop(engine_hash, None)
+                del mapping[engine_hash]
+            else:
+                holding[engine_hash] = remaining
+        self._index.evict(engine, keys, event.medium)
+        self.stats.blocks_removed += len(keys)
+
+    def _clear(self, engine: EngineId) -> None:
+        self._keys.pop(engine, None)
+        self._tiers_holding.pop(engine, None)
+        self._index.clear_engine(engine)

@@ -1,0 +1,52 @@
+"""What each engine has been asked to keep lately: its working set, in chunks.
+
+An engine's KV cache holds `capacity` blocks. The chunks of the requests routed to it within
+`window_s` are what it needs resident to keep hitting; when their number exceeds capacity,
+the engine's LRU evicts prefixes that are still in use and nothing hits. Routing consults
+this to place new prefix groups where they fit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from gateway.types import EngineId, RequestChunkKey
+
+
+class WorkingSetTracker:
+    def __init__(self, window_s: float = 60.0, max_tracked: int = 1_000_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self._window_s = window_s
+        self._max_tracked = max_tracked
+        self._clock = clock
+        self._recent: dict[EngineId, OrderedDict[RequestChunkKey, float]] = {}
+
+    def touch(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
+        now = self._clock()
+        recent = self._recent.setdefault(engine, OrderedDict())
+        for key in keys:
+            recent[key] = now
+            recent.move_to_end(key)
+        while len(recent) > self._max_tracked:
+            recent.popitem(last=False)
+
+    def size(self, engine: EngineId) -> int:
+        recent = self._recent.get(engine)
+        if not recent:
+            return 0
+        horizon = self._clock() - self._window_s
+        while recent:
+            oldest_key, last_used = next(iter(recent.items()))
+            if last_used >= horizon:
+                break
+            del recent[oldest_key]
+        return len(recent)
+
+    def holds(self, engine: EngineId, key: RequestChunkKey) -> bool:
+        recent = self._recent.get(engine)
+        return recent is not None and key in recent
+
+    def forget(self, engine: EngineId) -> None:
+        self._recent.pop(engine, None)
