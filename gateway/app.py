@@ -61,12 +61,18 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
 
     def on_health_change(endpoint: Endpoint) -> None:
         metrics.engine_healthy.labels(endpoint.id).set(1 if endpoint.healthy else 0)
+        if not endpoint.healthy:
+            # Down may mean restarting with an empty cache: never route on what it held.
+            ingestor.reset(endpoint.id, "engine left rotation")
+
+    def on_restart(endpoint: Endpoint) -> None:
+        ingestor.reset(endpoint.id, "engine restarted")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream = build_client(config.proxy, transport)
         control = httpx.AsyncClient(transport=transport)
-        checker = HealthChecker(registry, control, config.health, on_health_change)
+        checker = HealthChecker(registry, control, config.health, on_health_change, on_restart)
         prefix = None
         feeds = EventFeeds(registry, ingestor, replay_timeout_s=kv.replay_timeout_s)
         tokenizers = build_tokenizers(config, control, registry)

@@ -16,6 +16,9 @@ from tests.harness import free_port
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "tiny-llama"
 EMBED_MODEL_NAME = "tiny-embed"
+BLOCK_SIZE = 32
+KV_BLOCKS_PER_ENGINE = 320
+MAX_MODEL_LEN = 8192
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +36,9 @@ def engine_fleet(tiny_model_dir: Path) -> Iterator[EngineFleet]:
         served_model_name=MODEL_NAME,
         base_port=free_port(),
         kv_events_base_port=5557,  # replaced by free ports below
+        max_model_len=MAX_MODEL_LEN,
+        # A small KV cache (10,240 tokens) so tests can fill it: eviction, capacity spreading.
+        num_gpu_blocks_override=KV_BLOCKS_PER_ENGINE,
     )
     # An embeddings engine (same weights, pooling runner) proves /v1/embeddings routing.
     specs.append(
@@ -61,6 +67,12 @@ def _with_ports(spec: EngineSpec) -> EngineSpec:
 
     events = None if spec.kv_events_port is None else free_port()
     return replace(spec, port=free_port(), kv_events_port=events)
+
+
+@pytest.fixture(scope="session")
+def model_configs(tiny_model_dir: Path) -> list[dict[str, Any]]:
+    """The gateway tokenizes locally with the files the engines load."""
+    return [{"name": MODEL_NAME, "tokenizer": str(tiny_model_dir)}]
 
 
 @pytest.fixture(scope="session")

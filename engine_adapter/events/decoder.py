@@ -48,6 +48,8 @@ def decode_batch(seq: int, payload: bytes) -> EventBatch:
         raise EventDecodeError(f"payload is not msgpack: {exc}") from exc
     if not isinstance(raw, (list, tuple)) or len(raw) < 2 or not isinstance(raw[1], (list, tuple)):
         raise EventDecodeError("payload is not an [ts, events, ...] batch")
+    if not isinstance(raw[0], (int, float)):
+        raise EventDecodeError(f"batch timestamp is {type(raw[0]).__name__}, not a number")
     dp_rank = raw[2] if len(raw) > 2 and isinstance(raw[2], int) else None
     events = tuple(e for e in (decode_event(item) for item in raw[1]) if e is not None)
     return EventBatch(seq=seq, ts=float(raw[0]), events=events, data_parallel_rank=dp_rank)

@@ -20,6 +20,8 @@ class EngineStats:
     # From vllm:cache_config_info: KV-cache capacity in blocks, and the block size.
     num_gpu_blocks: int | None = None
     block_size: int | None = None
+    # The API server's start time: a change means the engine restarted (cache empty).
+    process_start_time: float | None = None
     scraped_at: float = 0.0  # time.monotonic()
 
 
@@ -40,12 +42,16 @@ def parse_engine_metrics(text: str, now: float | None = None) -> EngineStats:
     values: dict[str, float] = {}
     by_source: dict[str, float] = {}
     info: dict[str, str] = {}
+    start_time: float | None = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in _GAUGES:
                 key = _GAUGES[sample.name]
             elif sample.name in _COUNTERS:
                 key = _COUNTERS[sample.name]
+            elif sample.name == "process_start_time_seconds":
+                start_time = sample.value
+                continue
             elif sample.name == "vllm:cache_config_info":
                 info.update(sample.labels)
                 continue
@@ -61,6 +67,7 @@ def parse_engine_metrics(text: str, now: float | None = None) -> EngineStats:
         prompt_tokens_by_source=by_source,
         num_gpu_blocks=_int_label(info, "num_gpu_blocks"),
         block_size=_int_label(info, "block_size"),
+        process_start_time=start_time,
         scraped_at=time.monotonic() if now is None else now,
     )
 

@@ -27,11 +27,13 @@ class HealthChecker:
         client: httpx.AsyncClient,
         config: HealthConfig,
         on_change: Callable[[Endpoint], None] | None = None,
+        on_restart: Callable[[Endpoint], None] | None = None,
     ) -> None:
         self._registry = registry
         self._client = client
         self._config = config
         self._on_change = on_change
+        self._on_restart = on_restart
         self._task: asyncio.Task[None] | None = None
 
     async def check_all(self) -> None:
@@ -58,9 +60,17 @@ class HealthChecker:
             return
         if metrics.status_code == 200:
             try:
-                endpoint.stats = parse_engine_metrics(metrics.text)
+                stats = parse_engine_metrics(metrics.text)
             except ValueError:
                 logger.warning("engine %s: unparsable /metrics", endpoint.id)
+            else:
+                previous = endpoint.stats
+                endpoint.stats = stats
+                if (previous is not None and previous.process_start_time is not None
+                        and stats.process_start_time != previous.process_start_time):  # fmt: skip
+                    logger.warning("engine %s restarted", endpoint.id)
+                    if self._on_restart is not None:
+                        self._on_restart(endpoint)
         self._record(endpoint, ok=True)
 
     def _record(self, endpoint: Endpoint, *, ok: bool, reason: str = "") -> None:

@@ -44,7 +44,9 @@ class InMemoryIndex:
         self._expire()
         wanted = None if engines is None else set(engines)
         matches: dict[EngineId, PrefixMatch] = {}
-        alive: dict[EngineId, int] | None = None  # engine → tiers still matching consecutively
+        # engine → tiers whose run from chunk 0 is still unbroken (may become 0 while the
+        # engine still holds the chunks in some other mix of tiers).
+        alive: dict[EngineId, int] | None = None
         for depth, key in enumerate(keys):
             holders = self._entries.get(key)
             if not holders:
@@ -64,8 +66,7 @@ class InMemoryIndex:
                 still = tiers & held
                 for tier in self._tiers(still):
                     match.by_tier[tier] = depth + 1
-                # A tier that dropped out ends its own run; any-tier continues while any holds.
-                next_alive[engine] = still or held
+                next_alive[engine] = still
             if not next_alive:
                 break
             alive = next_alive

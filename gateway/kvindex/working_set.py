@@ -45,8 +45,12 @@ class WorkingSetTracker:
         return len(recent)
 
     def holds(self, engine: EngineId, key: RequestChunkKey) -> bool:
+        """Whether `key` is in the engine's working set (used within the window)."""
         recent = self._recent.get(engine)
-        return recent is not None and key in recent
+        if recent is None:
+            return False
+        last_used = recent.get(key)
+        return last_used is not None and last_used >= self._clock() - self._window_s
 
     def forget(self, engine: EngineId) -> None:
         self._recent.pop(engine, None)

@@ -51,7 +51,10 @@ class UsageTap:
             self.usage = usage if isinstance(usage, dict) else None
             return b""
         rest, self._pending = self._pending, b""
-        if self._strip and rest and self._is_usage_only(rest.rstrip(b"\n")):
+        if not self._strip:
+            self._read_usage(rest)  # already forwarded by feed(); only read it
+            return b""
+        if rest and self._is_usage_only(rest.rstrip(b"\n")):
             return b""
         return rest
 

@@ -53,8 +53,11 @@ class CostModel:
         return np.array([1.0, float(uncached), float(total * total - cached * cached)])
 
     def _solve(self) -> np.ndarray:
-        coef = np.linalg.lstsq(self._xtx, self._xty, rcond=None)[0]
-        return np.maximum(coef, 0.0)
+        # The features span ~8 orders of magnitude (1, tokens, tokens²): scale the normal
+        # equations to unit diagonal first, or the solve loses the overhead term entirely.
+        scale = np.sqrt(np.maximum(np.diag(self._xtx), 1e-300))
+        scaled = np.linalg.solve(self._xtx / np.outer(scale, scale), self._xty / scale)
+        return np.maximum(scaled / scale, 0.0)
 
     def prefill_s(self, cached_tokens: int, uncached_tokens: int) -> float:
         """Engine time to prefill `uncached_tokens` after `cached_tokens` (no overhead)."""

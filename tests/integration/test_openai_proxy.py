@@ -132,7 +132,7 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
 
 def test_abandoned_stream_is_aborted_on_the_engine(gateway: GatewayServer, engine_configs: list[dict[str, Any]]) -> None:
     urls = {e["name"]: e["url"] for e in engine_configs}
-    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as resp:
         engine_url = urls[resp.headers["x-gateway-engine"]]
         # Keep reading until the engine's own metrics show the request running (they are

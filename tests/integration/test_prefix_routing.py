@@ -1,0 +1,182 @@
+"""Prefix-aware routing on real CPU engines: the index is fed by their KV events, predictions
+are checked against what the engines report, eviction and restarts are noticed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from engine_adapter.launch.launcher import EngineFleet
+from gateway.kvindex.base import TIER_GPU
+from tests.conftest import BLOCK_SIZE, KV_BLOCKS_PER_ENGINE, MODEL_NAME
+from tests.harness import GatewayServer, gateway_config
+
+pytestmark = pytest.mark.integration
+
+
+def text_of(seed: int, num_words: int) -> str:
+    """Deterministic filler text; different seeds share no prefix."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "vu", "ze", "bo", "di"]
+    return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(num_words))
+
+
+def complete(gateway: GatewayServer, prompt: str, **extra: Any) -> httpx.Response:
+    resp = httpx.post(
+        f"{gateway.url}/v1/completions",
+        json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, **extra},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def cached(resp: httpx.Response) -> int:
+    return int(resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def gpu_chunks_held(gateway: GatewayServer, prompt: str, engine: str) -> int:
+    """How many leading chunks of `prompt` the gateway's index says `engine` holds on GPU
+    (from the engine's events; speculative entries do not count). Asked through
+    /debug/route so the index is only touched from the gateway's own event loop."""
+    resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": prompt},
+                      headers={"authorization": "Bearer admin"}, timeout=30)  # fmt: skip
+    resp.raise_for_status()
+    engines = resp.json()["engines"]
+    return int(engines[engine]["matched_chunks_by_tier"].get(TIER_GPU, 0)) if engine in engines else 0
+
+
+@pytest.fixture(scope="module", params=["prefix", "kv_aware"])
+def gateway(request: pytest.FixtureRequest, engine_configs: list[dict[str, Any]],
+            model_configs: list[dict[str, Any]]) -> Iterator[GatewayServer]:  # fmt: skip
+    config = gateway_config(
+        engine_configs,
+        models=model_configs,
+        routing={"policy": request.param},
+        kv_index={"block_size": BLOCK_SIZE},
+        server={"admin_token": "admin"},
+    )
+    with GatewayServer(config) as server:
+        yield server
+
+
+def test_shared_prefix_follows_the_cache_and_prediction_matches_the_engine(gateway: GatewayServer) -> None:
+    prefix = text_of(1000 + hash(gateway.url) % 1000, 900)
+    first = complete(gateway, prefix + " first question")
+    engine = first.headers["x-gateway-engine"]
+    assert cached(first) <= BLOCK_SIZE  # nobody held it
+    # The engine's BlockStored events reach the index.
+    wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events for the prefix")
+    second = complete(gateway, prefix + " second question")
+    assert second.headers["x-gateway-engine"] == engine
+    predicted = int(second.headers["x-gateway-predicted-cached-tokens"])
+    prompt_tokens = int(second.headers["x-gateway-prompt-tokens"])
+    assert prompt_tokens == second.json()["usage"]["prompt_tokens"]
+    assert predicted > 0.8 * prompt_tokens
+    assert abs(cached(second) - predicted) <= BLOCK_SIZE
+    assert gateway.metric("gateway_cached_tokens_predictions_total", verdict="within_one_block") >= 2
+
+
+def test_debug_route_explains_without_sending(gateway: GatewayServer) -> None:
+    prefix = text_of(3000 + hash(gateway.url) % 1000, 600)
+    engine = complete(gateway, prefix + " warm").headers["x-gateway-engine"]
+    wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events")
+    before = gateway.metric("gateway_requests_total")
+    resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": prefix + " explain"},
+                      headers={"authorization": "Bearer admin"}, timeout=30)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    explained = resp.json()
+    assert explained["chosen"] == engine
+    assert explained["engines"][engine]["matched_chunks_by_tier"][TIER_GPU] > 0
+    assert set(explained["engines"][engine]["scores"]) >= {gateway.app.state.router.scorers[0].scorer.name}
+    assert gateway.metric("gateway_requests_total") == before  # nothing was sent
+    assert httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": "x"}).status_code == 401
+
+
+def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(gateway: GatewayServer) -> None:
+    prefix = text_of(5000 + hash(gateway.url) % 1000, 500)
+    complete(gateway, prefix + " a")
+    time.sleep(0.5)
+    body = {"model": MODEL_NAME, "prompt": prefix + " b", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as resp:
+        text = resp.read().decode()
+    events = [line for line in text.split("\n\n") if line.strip()]
+    assert events[-1] == "data: [DONE]"
+    assert all('"choices":[]' not in e for e in events)  # the usage event the gateway asked for is gone
+    assert gateway.metric("gateway_cached_tokens_predictions_total") >= 2
+
+
+def test_shared_system_prompt_spreads_across_engines(gateway: GatewayServer) -> None:
+    system = text_of(7000 + hash(gateway.url) % 1000, 700)
+
+    def session(i: int) -> str:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}: " + text_of(i, 40)}]
+        resp = httpx.post(f"{gateway.url}/v1/chat/completions",
+                          json={"model": MODEL_NAME, "messages": messages, "max_tokens": 16, "ignore_eos": True},
+                          timeout=120)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        return resp.headers["x-gateway-engine"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        engines = Counter(pool.map(session, range(24)))
+    assert len(engines) == 2, engines
+    assert min(engines.values()) >= 6, engines  # neither engine takes (nearly) everything
+
+
+def test_prefix_groups_beyond_one_engine_are_spread_so_each_fits(gateway: GatewayServer) -> None:
+    # 4 groups of ~120 blocks: 480 blocks in all, more than one engine's 320, less than two.
+    base = 9000 + hash(gateway.url) % 1000
+    groups = [text_of(base + g, 1800) for g in range(4)]
+    first_tokens = None
+    placements: dict[int, set[str]] = {g: set() for g in range(4)}
+    repeats = []
+    for round_no in range(3):
+        for g, group in enumerate(groups):
+            resp = complete(gateway, group + f" round {round_no}")
+            placements[g].add(resp.headers["x-gateway-engine"])
+            prompt_tokens = resp.json()["usage"]["prompt_tokens"]
+            first_tokens = first_tokens or prompt_tokens
+            if round_no > 0:
+                repeats.append(cached(resp) / prompt_tokens)
+            time.sleep(0.3)  # let the events land, as real traffic would
+    assert first_tokens is not None and 3 * first_tokens > KV_BLOCKS_PER_ENGINE * BLOCK_SIZE
+    assert all(len(p) == 1 for p in placements.values()), placements  # each group stays put
+    assert sorted(Counter(next(iter(p)) for p in placements.values()).values()) == [2, 2]
+    hits = sum(1 for r in repeats if r > 0.9)
+    assert hits >= len(repeats) - 1, repeats
+
+
+def test_eviction_and_restart_are_reflected_in_the_index(
+    gateway: GatewayServer, engine_fleet: EngineFleet, engine_configs: list[dict[str, Any]]
+) -> None:
+    prompt = text_of(11000 + hash(gateway.url) % 1000, 900)
+    engine = complete(gateway, prompt).headers["x-gateway-engine"]
+    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) > 20, 10, "KV events")
+    # Fill that engine's cache directly (not through the gateway) until the prompt's blocks
+    # are evicted (vLLM evicts a sequence's tail first, so fill well past capacity);
+    # BlockRemoved events must retract the index's claim.
+    url = next(e["url"] for e in engine_configs if e["name"] == engine)
+    for i in range(7):
+        httpx.post(f"{url}/v1/completions", json={"model": MODEL_NAME, "prompt": text_of(12000 + i, 1200),
+                   "max_tokens": 1}, timeout=60).raise_for_status()  # fmt: skip
+    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) == 0, 10, "BlockRemoved to reach the index")
+    direct = httpx.post(f"{url}/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1}, timeout=60)
+    assert cached(direct) < 64  # the engine really had evicted it
+    # Now it is cached again (the direct request); a restart must make the index forget it.
+    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) > 20, 10, "KV events after re-caching")
+    engine_fleet.restart(engine)
+    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) == 0, 15, "the index to forget a restarted engine")
