@@ -158,15 +158,15 @@ def build_workloads(names: list[str], seed: int, scale: float) -> list[Workload]
     n = lambda x: max(1, int(x * scale))  # noqa: E731
     workloads = []
     if "shared" in names:
-        workloads.append(shared_prefix(MODEL, num_groups=n(6), prompts_per_group=12, prefix_tokens=1536,
-                                       question_tokens=96, max_tokens=8, seed=seed, concurrency=4))  # fmt: skip
+        workloads.append(shared_prefix(MODEL, num_groups=n(6), prompts_per_group=12, prefix_tokens=3072,
+                                       question_tokens=96, max_tokens=8, seed=seed, concurrency=2))  # fmt: skip
     if "capacity" in names:
         # 8 groups × 3,072 tokens: 768 blocks, more than one engine's 640, less than two.
         workloads.append(shared_prefix(MODEL, num_groups=8, prompts_per_group=n(8), prefix_tokens=3072,
-                                       question_tokens=96, max_tokens=8, seed=seed + 1, concurrency=4))  # fmt: skip
+                                       question_tokens=96, max_tokens=8, seed=seed + 1, concurrency=2))  # fmt: skip
         workloads[-1].name = "capacity pressure " + workloads[-1].name
     if "multi" in names:
-        workloads.append(multi_turn(MODEL, num_sessions=n(12), turns=6, system_words=300, user_words=120,
+        workloads.append(multi_turn(MODEL, num_sessions=n(16), turns=6, system_words=300, user_words=120,
                                     reply_words=60, max_tokens=16, seed=seed + 2, concurrency=4))  # fmt: skip
     if "trace" in names:
         workloads.append(mooncake_trace(MODEL, TRACE, max_requests=n(150), max_blocks=6, block_tokens=512,

@@ -28,8 +28,21 @@ def routed_engine(base_url: str, headers: dict[str, str] | None = None) -> str:
     return resp.headers["x-gateway-engine"]
 
 
+def wait_for_idle_engines(engine_configs: list[dict[str, Any]]) -> None:
+    """Earlier tests may still be finishing work on the shared engines; least_loaded reads the
+    engines' own running counts, so start from idle."""
+    from engine_adapter.metrics import parse_engine_metrics
+
+    deadline = time.monotonic() + 30
+    for engine in engine_configs:
+        while parse_engine_metrics(httpx.get(f"{engine['url']}/metrics", timeout=5).text).num_requests_running:
+            assert time.monotonic() < deadline, f"{engine['name']} stays busy"
+            time.sleep(0.2)
+
+
 def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]]) -> None:
-    config = gateway_config(engine_configs, routing={"policy": "least_loaded"})
+    wait_for_idle_engines(engine_configs)
+    config = gateway_config(engine_configs, routing={"policy": "least_loaded"}, health={"interval_s": 0.5})
     with GatewayServer(config) as gateway:
         busy: dict[str, str] = {}
         started = threading.Event()
@@ -48,6 +61,7 @@ def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]
         holder.start()
         try:
             assert started.wait(30)
+            time.sleep(1.0)  # two health rounds: the gateway's view of both engines is fresh
             chosen = [routed_engine(gateway.url) for _ in range(6)]
         finally:
             busy["stop"] = "1"
