@@ -63,6 +63,7 @@ def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]
             assert started.wait(30)
             time.sleep(1.0)  # two health rounds: the gateway's view of both engines is fresh
             chosen = [routed_engine(gateway.url) for _ in range(6)]
+            assert holder.is_alive(), "the long stream ended before the requests were routed"
         finally:
             busy["stop"] = "1"
             holder.join(60)
