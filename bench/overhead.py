@@ -22,7 +22,7 @@ from bench.common import ROOT, free_port, gateway_process, markdown_table, media
 
 
 @contextlib.contextmanager
-def local_engine() -> Iterator[tuple[str, str]]:
+def local_engine() -> Iterator[tuple[str, str, str]]:
     from engine_adapter.launch.launcher import EngineFleet, EngineSpec
     from engine_adapter.launch.tiny_model import ensure_tiny_model
 
@@ -30,7 +30,7 @@ def local_engine() -> Iterator[tuple[str, str]]:
     spec = EngineSpec(name="bench-0", model_dir=str(model_dir), served_model_name="tiny-llama", port=free_port())
     print("starting one local CPU engine (about a minute)...", file=sys.stderr)
     with EngineFleet([spec], ROOT / ".cache" / "bench-logs"):
-        yield spec.url, "tiny-llama"
+        yield spec.url, "tiny-llama", str(model_dir)
 
 
 def timed_request(client: httpx.Client, url: str, body: dict[str, object]) -> tuple[float, float]:
@@ -47,8 +47,10 @@ def timed_request(client: httpx.Client, url: str, body: dict[str, object]) -> tu
     return ((first or end) - start) * 1000, (end - start) * 1000
 
 
-def run(engine_url: str, model: str, num_requests: int) -> str:
-    gateway_config = {"engines": [{"name": "engine", "url": engine_url}], "routing": {"policy": "least_loaded"}}
+def run(engine_url: str, model: str, num_requests: int, tokenizer: str) -> str:
+    # The default prefix-aware path: tokenize, hash, look up, predict, check usage.
+    gateway_config = {"engines": [{"name": "engine", "url": engine_url}], "routing": {"policy": "kv_aware"},
+                      "models": [{"name": model, "tokenizer": tokenizer}]}  # fmt: skip
     samples: dict[str, dict[str, list[float]]] = {
         path: {"total": [], "ttfb": []} for path in ("direct", "gateway")
     }
@@ -82,12 +84,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--engine-url")
     parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--tokenizer", default="engine", help="tokenizer dir for --model, or 'engine'")
     args = parser.parse_args()
     if args.engine_url:
-        table = run(args.engine_url.rstrip("/"), args.model, args.requests)
+        table = run(args.engine_url.rstrip("/"), args.model, args.requests, args.tokenizer)
     else:
-        with local_engine() as (url, model):
-            table = run(url, model, args.requests)
+        with local_engine() as (url, model, tokenizer):
+            table = run(url, model, args.requests, tokenizer)
     print(table)
     path = write_report("overhead", "Gateway overhead vs direct engine", table)
     print(f"\nreport: {path}")
