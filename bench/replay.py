@@ -166,8 +166,9 @@ def build_workloads(names: list[str], seed: int, scale: float) -> list[Workload]
                                        question_tokens=96, max_tokens=8, seed=seed + 1, concurrency=2))  # fmt: skip
         workloads[-1].name = "capacity pressure " + workloads[-1].name
     if "multi" in names:
-        workloads.append(multi_turn(MODEL, num_sessions=n(16), turns=6, system_words=300, user_words=120,
-                                    reply_words=60, max_tokens=16, seed=seed + 2, concurrency=4))  # fmt: skip
+        # Agent-loop shape: a long system prompt, many short turns.
+        workloads.append(multi_turn(MODEL, num_sessions=n(10), turns=12, system_words=700, user_words=40,
+                                    reply_words=30, max_tokens=8, seed=seed + 2, concurrency=2))  # fmt: skip
     if "trace" in names:
         workloads.append(mooncake_trace(MODEL, TRACE, max_requests=n(150), max_blocks=6, block_tokens=512,
                                         time_scale=1.0, max_tokens=16, seed=seed + 3))  # fmt: skip
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--target", action="append", default=[], help="extra OpenAI-compatible URL to compare")
     parser.add_argument("--target-name", action="append", default=[])
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--engine-args", default="", help="extra vLLM arguments, e.g. '--max-num-batched-tokens 512'")
     args = parser.parse_args()
 
     from engine_adapter.launch.launcher import EngineFleet, local_specs
@@ -228,7 +230,7 @@ def main() -> None:
     model_dir = ensure_tiny_model(ROOT / ".cache" / "tiny-llama")
     specs = local_specs(2, model_dir=str(model_dir), served_model_name=MODEL, base_port=free_port(),
                         kv_events_base_port=free_port(), max_model_len=8192,
-                        num_gpu_blocks_override=args.kv_blocks)  # fmt: skip
+                        num_gpu_blocks_override=args.kv_blocks, extra_args=args.engine_args.split())  # fmt: skip
     print("starting 2 local CPU engines (about a minute)...", file=sys.stderr, flush=True)
     policies = [p for p in args.policies.split(",") if p]
     targets = [(name, url) for name, url in zip(args.target_name + [f"target-{i}" for i in range(len(args.target))],

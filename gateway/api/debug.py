@@ -57,6 +57,7 @@ def build_debug_router() -> APIRouter:
                 "prompt_tokens": routing_request.num_prompt_tokens,
                 "num_chunks": len(routing_request.chunk_keys),
                 "engines": engines,
+                "cost_model": request.app.state.cost_model.describe(),
                 "explain_ms": (time.perf_counter() - started) * 1000,
             }
         )

@@ -24,8 +24,14 @@ PRESETS: dict[str, list[dict[str, object]]] = {
         {"name": "capacity", "weight": 0.3},
         {"name": "least_loaded", "weight": 0.2},
     ],
-    # Estimated time to first token (queue + uncached prefill), with the same capacity term.
-    "kv_aware": [{"name": "kv_aware", "weight": 1.0}, {"name": "capacity", "weight": 0.3}],
+    # Estimated time to first token (queue + uncached prefill), with the same capacity term and
+    # some prefix affinity as hysteresis: the queue estimate is noisy, and moving a prefix to
+    # another engine for a small estimated gain duplicates it and costs hits later.
+    "kv_aware": [
+        {"name": "kv_aware", "weight": 1.0},
+        {"name": "prefix", "weight": 0.5},
+        {"name": "capacity", "weight": 0.3},
+    ],
 }
 
 
