@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test unit bench-overhead lint clean
+.PHONY: install run test unit bench-overhead clean
 
 install: $(STAMP)
 
@@ -29,6 +29,7 @@ run: install
 	$(PY) -m gateway --config $(CONFIG)
 
 test: install
+	$(PY) -m mypy gateway engine_adapter
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: install

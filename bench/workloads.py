@@ -21,7 +21,8 @@ _FIRST_ID, _LAST_ID = 16, 4000
 class BenchRequest:
     api_path: str  # /v1/completions or /v1/chat/completions
     body: dict[str, Any]
-    at_s: float | None = None  # open-loop arrival time (trace); None: as soon as possible
+    at_s: float | None = None  # open-loop arrival time from the start; None: as soon as possible
+    think_s: float = 0.0  # pause after the previous request of the session finished
     group: str = ""
     # Token ids of the prompt when known up front (completions); chat prompts are rendered
     # with the model's tokenizer by the runner for the oracle.
@@ -32,7 +33,7 @@ class BenchRequest:
 class Workload:
     name: str
     sessions: list[list[BenchRequest]] = field(default_factory=list)
-    concurrency: int = 4
+    concurrency: int = 4  # sessions in flight at most (open-loop workloads set it high)
     description: str = ""
 
     @property
@@ -50,9 +51,10 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def shared_prefix(model: str, *, num_groups: int, prompts_per_group: int, prefix_tokens: int,
-                  question_tokens: int, max_tokens: int, seed: int, concurrency: int) -> Workload:  # fmt: skip
+                  question_tokens: int, max_tokens: int, seed: int, rate_per_s: float) -> Workload:  # fmt: skip
     """Groups of requests sharing a long prefix (a system prompt, a document), each with its
-    own question; requests of all groups interleaved at random."""
+    own question; requests of all groups interleaved at random, arriving as a Poisson process
+    of `rate_per_s` (open loop: arrivals do not wait for answers)."""
     rng = random.Random(seed)
     prefixes = [_ids(rng, prefix_tokens) for _ in range(num_groups)]
     requests = []
@@ -62,31 +64,41 @@ def shared_prefix(model: str, *, num_groups: int, prompts_per_group: int, prefix
             body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True}
             requests.append(BenchRequest("/v1/completions", body, group=f"g{g}", prompt_ids=ids))
     rng.shuffle(requests)
-    # One request per session: arrival order is the shuffled order, `concurrency` at a time.
+    clock = 0.0
+    for request in requests:
+        clock += rng.expovariate(rate_per_s)
+        request.at_s = clock
     name = f"shared-prefix {num_groups}x{prompts_per_group} ({prefix_tokens}+{question_tokens} tok)"
-    return Workload(name, [[r] for r in requests], concurrency,
+    return Workload(name, [[r] for r in requests], 64,
                     f"{num_groups} groups × {prompts_per_group} prompts, {prefix_tokens}-token shared prefix, "
-                    f"{question_tokens}-token question, {max_tokens} output tokens")  # fmt: skip
+                    f"{question_tokens}-token question, {max_tokens} output tokens, Poisson arrivals "
+                    f"at {rate_per_s}/s")  # fmt: skip
 
 
 def multi_turn(model: str, *, num_sessions: int, turns: int, system_words: int, user_words: int,
-               reply_words: int, max_tokens: int, seed: int, concurrency: int) -> Workload:  # fmt: skip
-    """Chats whose history grows each turn: turn t sends the whole conversation so far."""
+               reply_words: int, max_tokens: int, seed: int, session_rate_per_s: float,
+               think_s: float) -> Workload:  # fmt: skip
+    """Chats whose history grows each turn: turn t sends the whole conversation so far.
+    Sessions start as a Poisson process; each turn follows the previous answer after `think_s`."""
     rng = random.Random(seed)
     sessions = []
+    start = 0.0
     for s in range(num_sessions):
+        start += rng.expovariate(session_rate_per_s)
         messages: list[dict[str, str]] = [{"role": "system", "content": _words(rng, system_words)}]
         session = []
         for t in range(turns):
             messages = messages + [{"role": "user", "content": f"Turn {t}. " + _words(rng, user_words)}]
             body = {"model": model, "messages": list(messages), "max_tokens": max_tokens, "ignore_eos": True}
-            session.append(BenchRequest("/v1/chat/completions", body, group=f"s{s}"))
+            session.append(BenchRequest("/v1/chat/completions", body, group=f"s{s}",
+                                        at_s=start if t == 0 else None, think_s=0.0 if t == 0 else think_s))  # fmt: skip
             # A fixed reply keeps the history identical whatever the engine generated.
             messages = messages + [{"role": "assistant", "content": _words(rng, reply_words)}]
         sessions.append(session)
-    return Workload(f"multi-turn {num_sessions}x{turns}", sessions, concurrency,
+    return Workload(f"multi-turn {num_sessions}x{turns}", sessions, num_sessions,
                     f"{num_sessions} chats × {turns} turns, system {system_words} words, "
-                    f"+{user_words} user and {reply_words} reply words per turn")  # fmt: skip
+                    f"+{user_words} user and {reply_words} reply words per turn, sessions start at "
+                    f"{session_rate_per_s}/s, {think_s}s between turns")  # fmt: skip
 
 
 def mooncake_trace(model: str, path: Path, *, max_requests: int, max_blocks: int, block_tokens: int,

@@ -88,7 +88,7 @@ def build_tokenizer(spec: TinyModelSpec, out_dir: Path) -> None:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token=bos,
         eos_token="<|eot_id|>",
@@ -115,9 +115,9 @@ def build_model(spec: TinyModelSpec, out_dir: Path, vocab_size: int, bos_id: int
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[no-untyped-call,arg-type]
     model.save_pretrained(out_dir, safe_serialization=True)
 
 

@@ -36,7 +36,9 @@ class PassthroughResponse(Response):
         tap: UsageTap | None = None,
     ) -> None:
         self._upstream = upstream
-        self._headers = response_headers(upstream.headers) + [
+        # Starlette's Response keeps headers in `raw_headers`; set it so anything reading
+        # `response.headers` (middleware, logging) sees what is sent.
+        self.raw_headers = response_headers(upstream.headers) + [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()
         ]
         self._on_first_byte = on_first_byte
@@ -74,7 +76,7 @@ class PassthroughResponse(Response):
             self._on_finish(outcome)
 
     async def _forward(self, send: Send) -> Outcome:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self._headers})
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         first = True
         try:
             async for chunk in self._upstream.aiter_raw():

@@ -57,7 +57,7 @@ class CostModel:
         # equations to unit diagonal first, or the solve loses the overhead term entirely.
         scale = np.sqrt(np.maximum(np.diag(self._xtx), 1e-300))
         scaled = np.linalg.solve(self._xtx / np.outer(scale, scale), self._xty / scale)
-        return np.maximum(scaled / scale, 0.0)
+        return np.asarray(np.maximum(scaled / scale, 0.0), dtype=float)
 
     def prefill_s(self, cached_tokens: int, uncached_tokens: int) -> float:
         """Engine time to prefill `uncached_tokens` after `cached_tokens` (no overhead)."""
