@@ -161,7 +161,7 @@ def build_workloads(names: list[str], seed: int, scale: float) -> list[Workload]
     workloads = []
     if "shared" in names:
         workloads.append(shared_prefix(MODEL, num_groups=n(6), prompts_per_group=12, prefix_tokens=3072,
-                                       question_tokens=96, max_tokens=8, seed=seed, rate_per_s=5.0))  # fmt: skip
+                                       question_tokens=96, max_tokens=8, seed=seed, rate_per_s=2.0))  # fmt: skip
     if "capacity" in names:
         # 8 groups × 3,072 tokens: 768 blocks, more than one engine's 640, less than two.
         workloads.append(shared_prefix(MODEL, num_groups=8, prompts_per_group=n(8), prefix_tokens=3072,
@@ -169,9 +169,9 @@ def build_workloads(names: list[str], seed: int, scale: float) -> list[Workload]
         workloads[-1].name = "capacity pressure " + workloads[-1].name
     if "multi" in names:
         # Agent-loop shape: a long system prompt, many short turns.
-        workloads.append(multi_turn(MODEL, num_sessions=n(10), turns=12, system_words=700, user_words=40,
-                                    reply_words=30, max_tokens=8, seed=seed + 2, session_rate_per_s=1.0,
-                                    think_s=0.5))  # fmt: skip
+        workloads.append(multi_turn(MODEL, num_sessions=n(16), turns=12, system_words=700, user_words=40,
+                                    reply_words=30, max_tokens=8, seed=seed + 2, session_rate_per_s=0.25,
+                                    think_s=2.0))  # fmt: skip
     if "trace" in names:
         workloads.append(mooncake_trace(MODEL, TRACE, max_requests=n(150), max_blocks=6, block_tokens=512,
                                         time_scale=1.0, max_tokens=16, seed=seed + 3))  # fmt: skip

@@ -30,7 +30,7 @@ PRESETS: dict[str, list[dict[str, object]]] = {
     "kv_aware": [
         {"name": "kv_aware", "weight": 1.0},
         {"name": "prefix", "weight": 0.5},
-        {"name": "capacity", "weight": 0.3},
+        {"name": "capacity", "weight": 0.5},
     ],
 }
 
