@@ -60,17 +60,21 @@ def gpu_chunks_held(gateway: GatewayServer, prompt: str, engine: str) -> int:
     return int(engines[engine]["matched_chunks_by_tier"].get(TIER_GPU, 0)) if engine in engines else 0
 
 
-@pytest.fixture(scope="module", params=["prefix", "kv_aware"])
-def gateway(request: pytest.FixtureRequest, engine_configs: list[dict[str, Any]],
-            model_configs: list[dict[str, Any]]) -> Iterator[GatewayServer]:  # fmt: skip
-    config = gateway_config(
+def prefix_gateway_config(policy: str, engine_configs: list[dict[str, Any]],
+                          model_configs: list[dict[str, Any]]) -> Any:  # fmt: skip
+    return gateway_config(
         engine_configs,
         models=model_configs,
-        routing={"policy": request.param},
+        routing={"policy": policy},
         kv_index={"block_size": BLOCK_SIZE},
         server={"admin_token": "admin"},
     )
-    with GatewayServer(config) as server:
+
+
+@pytest.fixture(scope="module", params=["prefix", "kv_aware"])
+def gateway(request: pytest.FixtureRequest, engine_configs: list[dict[str, Any]],
+            model_configs: list[dict[str, Any]]) -> Iterator[GatewayServer]:  # fmt: skip
+    with GatewayServer(prefix_gateway_config(request.param, engine_configs, model_configs)) as server:
         yield server
 
 
@@ -137,7 +141,16 @@ def test_shared_system_prompt_spreads_across_engines(gateway: GatewayServer) -> 
     assert min(engines.values()) >= 6, engines  # neither engine takes (nearly) everything
 
 
-def test_prefix_groups_beyond_one_engine_are_spread_so_each_fits(gateway: GatewayServer) -> None:
+def test_prefix_groups_beyond_one_engine_are_spread_so_each_fits(
+    gateway: GatewayServer, engine_configs: list[dict[str, Any]], model_configs: list[dict[str, Any]]
+) -> None:
+    # A gateway of its own: the working sets the other tests built up must not count here.
+    policy = gateway.config.routing.policy or "prefix"
+    with GatewayServer(prefix_gateway_config(policy, engine_configs, model_configs)) as fresh:
+        check_groups_spread(fresh)
+
+
+def check_groups_spread(gateway: GatewayServer) -> None:
     # 4 groups of ~120 blocks: 480 blocks in all, more than one engine's 320, less than two.
     base = 9000 + hash(gateway.url) % 1000
     groups = [text_of(base + g, 1800) for g in range(4)]

@@ -46,7 +46,8 @@ def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]
     with GatewayServer(config) as gateway:
         busy: dict[str, str] = {}
         started = threading.Event()
-        body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        # Long enough (~15 s of decoding) to outlast the requests below on a loaded machine.
+        body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 6000, "ignore_eos": True, "stream": True}
 
         def hold_a_stream() -> None:
             with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=120) as resp:
@@ -92,10 +93,14 @@ def test_round_robin_alternates(engine_configs: list[dict[str, Any]]) -> None:
 def test_killed_engine_fails_over(engine_fleet: EngineFleet, engine_configs: list[dict[str, Any]]) -> None:
     # Health checks far apart: the gateway still believes the killed engine is up, so the
     # first attempt really hits a dead port and the proxy must retry on the other engine.
-    config = gateway_config(engine_configs, routing={"policy": "round_robin"}, health={"interval_s": 600})
+    config = gateway_config(
+        engine_configs, routing={"policy": "round_robin"}, health={"interval_s": 600, "timeout_s": 15}
+    )
     victim = engine_fleet.engines[0]
     survivor = engine_fleet.engines[1].spec.name
     with GatewayServer(config) as gateway:
+        # Both engines passed the start-up check, so the first request really tries the victim.
+        assert all(e.available() for e in gateway.app.state.registry.endpoints)
         victim.kill()
         try:
             client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=30)
