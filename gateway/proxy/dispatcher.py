@@ -143,6 +143,7 @@ class Dispatcher:
             self._metrics.request_latency.labels(request.model, route).observe(time.perf_counter() - started_at)
             if outcome == "client_disconnected":
                 self._metrics.client_disconnects.labels(route).inc()
+                logger.info("request %s: client left before the end of the response", request.request_id)
             if outcome == "complete" and upstream.status_code == 200:
                 ttft = (first_byte_at[0] if first_byte_at else time.perf_counter()) - started_at
                 self._check_prediction(request, attempt, tap, ttft)
