@@ -128,7 +128,8 @@ def build_tokenizers(
     config: GatewayConfig, client: httpx.AsyncClient, registry: EndpointRegistry
 ) -> dict[str, PromptTokenizer]:
     """Per model: a local tokenizer or the engines' /render. Key "*" is the default."""
-    render = EngineRenderTokenizer(client, lambda: next(iter(registry.candidates_any()), None))
+    # Ask the least loaded engine: a busy engine's API server answers slowly.
+    render = EngineRenderTokenizer(client, lambda: min(registry.candidates_any(), key=lambda e: e.load, default=None))
     tokenizers: dict[str, PromptTokenizer] = {"*": render}
     for model in config.models:
         if model.tokenizer == "engine":

@@ -108,7 +108,7 @@ class HealthConfig(_Strict):
     interval_s: float = Field(default=2.0, gt=0)
     timeout_s: float = Field(default=2.0, gt=0)
     # Consecutive failed checks before an engine leaves rotation.
-    unhealthy_threshold: int = Field(default=1, ge=1)
+    unhealthy_threshold: int = Field(default=2, ge=1)
     # Consecutive passing checks before it comes back.
     healthy_threshold: int = Field(default=1, ge=1)
 

@@ -40,14 +40,12 @@ class HealthChecker:
         await asyncio.gather(*(self.check(e) for e in self._registry.endpoints))
 
     async def check(self, endpoint: Endpoint) -> None:
-        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-        timeout = self._config.timeout_s
         try:
-            health = await self._client.get(f"{endpoint.url}/health", headers=headers, timeout=timeout)
+            health = await self._get(endpoint, "/health")
             health.raise_for_status()
-            models = await self._client.get(f"{endpoint.url}/v1/models", headers=headers, timeout=timeout)
+            models = await self._get(endpoint, "/v1/models")
             models.raise_for_status()
-            metrics = await self._client.get(f"{endpoint.url}/metrics", headers=headers, timeout=timeout)
+            metrics = await self._get(endpoint, "/metrics")
         except (httpx.HTTPError, OSError) as exc:
             self._record(endpoint, ok=False, reason=f"{type(exc).__name__}: {exc}")
             return
@@ -66,12 +64,22 @@ class HealthChecker:
             else:
                 previous = endpoint.stats
                 endpoint.stats = stats
+                endpoint.in_flight_at_scrape = endpoint.in_flight
                 if (previous is not None and previous.process_start_time is not None
                         and stats.process_start_time != previous.process_start_time):  # fmt: skip
                     logger.warning("engine %s restarted", endpoint.id)
                     if self._on_restart is not None:
                         self._on_restart(endpoint)
         self._record(endpoint, ok=True)
+
+    async def _get(self, endpoint: Endpoint, path: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        url = f"{endpoint.url}{path}"
+        try:
+            return await self._client.get(url, headers=headers, timeout=self._config.timeout_s)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # A pooled keep-alive connection the engine had just closed: one fresh try.
+            return await self._client.get(url, headers=headers, timeout=self._config.timeout_s)
 
     def _record(self, endpoint: Endpoint, *, ok: bool, reason: str = "") -> None:
         was_healthy = endpoint.healthy
@@ -93,12 +101,13 @@ class HealthChecker:
                 self._on_change(endpoint)
 
     async def _run(self) -> None:
+        # The first round ran before serving (see gateway.app); the loop starts with a pause.
         while True:
+            await asyncio.sleep(self._config.interval_s)
             try:
                 await self.check_all()
             except Exception:  # never let the checker die; log and keep polling
                 logger.exception("health check round failed")
-            await asyncio.sleep(self._config.interval_s)
 
     def start(self) -> None:
         if self._task is None:

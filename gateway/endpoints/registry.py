@@ -29,6 +29,8 @@ class Endpoint:
     # Operator-set: takes no new requests, finishes what it has.
     draining: bool = False
     in_flight: int = 0
+    # Our own in-flight count when `stats` was scraped: the engine's numbers include those.
+    in_flight_at_scrape: int = 0
     # Predicted prefill seconds of our requests sent here that have no first byte yet.
     pending_prefill_s: float = 0.0
     stats: EngineStats | None = None
@@ -56,12 +58,13 @@ class Endpoint:
 
     @property
     def load(self) -> float:
-        """Requests on the engine: our own in-flight count, or the engine's view if larger
-        (other gateways share the engine; the scrape lags our own count)."""
+        """Requests on the engine: our own in-flight count (always current) plus the requests
+        others sent it (other gateways, direct clients), from its last scrape, i.e. what the
+        engine reported beyond what we ourselves had in flight at that moment."""
         if self.stats is None:
             return float(self.in_flight)
         engine_view = self.stats.num_requests_running + self.stats.num_requests_waiting
-        return max(float(self.in_flight), engine_view)
+        return self.in_flight + max(0.0, engine_view - self.in_flight_at_scrape)
 
 
 @dataclass(slots=True)

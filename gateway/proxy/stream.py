@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import anyio
+import anyio.lowlevel
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -85,9 +86,12 @@ class PassthroughResponse(Response):
                     self._on_first_byte()
                 if self._tap is not None:
                     chunk = self._tap.feed(chunk)
-                    if not chunk:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # Reading buffered upstream data and writing to a socket with room both return
+                # without suspending: a fast stream would otherwise hold the event loop and
+                # stall every other request. Yield once per chunk.
+                await anyio.lowlevel.checkpoint()
         except httpx.HTTPError as exc:
             # Bytes already reached the client: no retry is possible. For an event stream,
             # say what happened in-band the way vLLM reports its own stream errors.
