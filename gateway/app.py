@@ -90,7 +90,7 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
         )
         app.state.health_checker = checker
         # Know each engine's models and health before the first request arrives.
-        await checker.check_all()
+        await checker.check_all(initial=True)
         for endpoint in registry.endpoints:
             on_health_change(endpoint)
         checker.start()

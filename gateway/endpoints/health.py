@@ -36,10 +36,12 @@ class HealthChecker:
         self._on_restart = on_restart
         self._task: asyncio.Task[None] | None = None
 
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(e) for e in self._registry.endpoints))
+    async def check_all(self, *, initial: bool = False) -> None:
+        """`initial`: the round before serving, where one failure is enough to start an
+        engine out of rotation (nothing is known about it yet)."""
+        await asyncio.gather(*(self.check(e, initial=initial) for e in self._registry.endpoints))
 
-    async def check(self, endpoint: Endpoint) -> None:
+    async def check(self, endpoint: Endpoint, *, initial: bool = False) -> None:
         try:
             health = await self._get(endpoint, "/health")
             health.raise_for_status()
@@ -47,7 +49,7 @@ class HealthChecker:
             models.raise_for_status()
             metrics = await self._get(endpoint, "/metrics")
         except (httpx.HTTPError, OSError) as exc:
-            self._record(endpoint, ok=False, reason=f"{type(exc).__name__}: {exc}")
+            self._record(endpoint, ok=False, reason=f"{type(exc).__name__}: {exc}", initial=initial)
             return
         try:
             cards = tuple(m for m in models.json()["data"] if isinstance(m.get("id"), str))
@@ -81,7 +83,7 @@ class HealthChecker:
             # A pooled keep-alive connection the engine had just closed: one fresh try.
             return await self._client.get(url, headers=headers, timeout=self._config.timeout_s)
 
-    def _record(self, endpoint: Endpoint, *, ok: bool, reason: str = "") -> None:
+    def _record(self, endpoint: Endpoint, *, ok: bool, reason: str = "", initial: bool = False) -> None:
         was_healthy = endpoint.healthy
         if ok:
             endpoint.consecutive_failures = 0
@@ -92,7 +94,8 @@ class HealthChecker:
         else:
             endpoint.consecutive_successes = 0
             endpoint.consecutive_failures += 1
-            if endpoint.healthy and endpoint.consecutive_failures >= self._config.unhealthy_threshold:
+            threshold = 1 if initial else self._config.unhealthy_threshold
+            if endpoint.healthy and endpoint.consecutive_failures >= threshold:
                 endpoint.healthy = False
         if endpoint.healthy != was_healthy:
             state = "back in rotation" if endpoint.healthy else f"out of rotation ({reason})"
