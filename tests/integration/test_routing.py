@@ -40,45 +40,74 @@ def wait_for_idle_engines(engine_configs: list[dict[str, Any]]) -> None:
             time.sleep(0.2)
 
 
-def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]]) -> None:
-    wait_for_idle_engines(engine_configs)
-    config = gateway_config(engine_configs, routing={"policy": "least_loaded"}, health={"interval_s": 0.5})
-    with GatewayServer(config) as gateway:
-        busy: dict[str, str] = {}
-        started = threading.Event()
-        # Long enough (~15 s of decoding) to outlast the requests below on a loaded machine.
-        body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 6000, "ignore_eos": True, "stream": True}
+def engine_load(url: str) -> float:
+    from engine_adapter.metrics import parse_engine_metrics
 
-        def hold_a_stream() -> None:
-            with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=120) as resp:
-                busy["engine"] = resp.headers["x-gateway-engine"]
-                for i, _ in enumerate(resp.iter_raw()):
-                    if i == 0:
-                        started.set()
-                    if busy.get("stop"):
-                        break
+    stats = parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=5).text)
+    return stats.num_requests_running + stats.num_requests_waiting
 
-        holder = threading.Thread(target=hold_a_stream)
-        holder.start()
+
+def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Load one engine directly (another client), route through the gateway, and return the
+    engines chosen while that engine was busy before and after each decision."""
+    busy = engine_configs[0]
+    stop = threading.Event()
+    body = {"model": MODEL_NAME, "prompt": "Busy", "max_tokens": 7000, "ignore_eos": True, "stream": True}
+    outcomes: list[str] = []
+
+    def load_directly() -> None:
+        received = 0
         try:
-            assert started.wait(30)
-            time.sleep(1.0)  # two health rounds: the gateway's view of both engines is fresh
-            busy_endpoint = gateway.app.state.registry.get(busy["engine"])
-            chosen = []
-            # Count only decisions made while the busy engine was busy the whole time (the
-            # engine may finish its stream before the client has read it all).
+            with httpx.stream("POST", f"{busy['url']}/v1/completions", json=body, timeout=120) as resp:
+                for chunk in resp.iter_raw():
+                    received += len(chunk)
+                    if stop.is_set():
+                        break  # closing the stream makes the engine abort the request
+                outcomes.append(f"{resp.status_code} after {received} bytes")
+        except httpx.HTTPError as exc:
+            outcomes.append(f"{type(exc).__name__} after {received} bytes")
+
+    holders = [threading.Thread(target=load_directly) for _ in range(6)]
+    for holder in holders:
+        holder.start()
+    config = gateway_config(engine_configs, routing={"policy": "least_loaded"}, health={"interval_s": 0.5})
+    chosen: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while engine_load(busy["url"]) < 3:
+            assert time.monotonic() < deadline, "could not load the engine"
+            time.sleep(0.2)
+        with GatewayServer(config) as gateway:
+            time.sleep(1.2)  # two health rounds: the gateway has scraped the load
             for _ in range(6):
-                if busy_endpoint.in_flight < 1:
+                if engine_load(busy["url"]) < 1:
                     break
                 engine = routed_engine(gateway.url)
-                if busy_endpoint.in_flight >= 1:
+                if engine_load(busy["url"]) >= 1:
                     chosen.append(engine)
-            assert len(chosen) >= 3, f"the busy engine finished too early to observe ({chosen})"
-        finally:
-            busy["stop"] = "1"
+    finally:
+        stop.set()
+        for holder in holders:
             holder.join(60)
-        assert busy["engine"] not in chosen, (busy, chosen)
-        assert len(set(chosen)) == 1
+    return chosen, outcomes
+
+
+def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]]) -> None:
+    """Another client loads one engine; the gateway sees it in the engine's metrics and sends
+    its requests to the other one. On this 2-core machine the loaded engine sometimes ends its
+    streams within a second (not understood yet), leaving too little time to observe: such an
+    attempt proves nothing either way and is repeated."""
+    idle = engine_configs[1]["name"]
+    attempts = []
+    for _ in range(5):
+        wait_for_idle_engines(engine_configs)
+        chosen, outcomes = observe_least_loaded(engine_configs)
+        # Every decision made while the engine was busy must avoid it.
+        assert set(chosen) <= {idle}, (chosen, outcomes)
+        attempts.append((chosen, outcomes))
+        if len(chosen) >= 3:
+            return
+    pytest.fail(f"the loaded engine never stayed busy long enough to observe: {attempts}")
 
 
 def test_session_affinity_is_sticky_and_spreads(engine_configs: list[dict[str, Any]]) -> None:
