@@ -53,10 +53,6 @@ class Endpoint:
         return None if self.stats is None else self.stats.num_gpu_blocks
 
     @property
-    def num_decoding(self) -> float:
-        return self.stats.num_requests_running if self.stats is not None else float(self.in_flight)
-
-    @property
     def load(self) -> float:
         """Requests on the engine: our own in-flight count (always current) plus the requests
         others sent it (other gateways, direct clients), from its last scrape, i.e. what the

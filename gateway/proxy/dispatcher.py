@@ -41,6 +41,7 @@ class _Attempt:
     predicted_cached: int | None
     prefill_s: float  # predicted engine time, counted in the engine's queue until first byte
     queued_s: float  # what it was predicted to wait behind
+    running: float  # requests on the engine when it was sent
     in_queue: bool = True
 
 
@@ -163,7 +164,7 @@ class Dispatcher:
         if isinstance(prompt_tokens, int):
             # Time to first byte is time to first token only when streaming, or for one token.
             if request.stream or usage.get("completion_tokens") == 1:
-                self._cost_model.observe(actual, prompt_tokens, ttft_s, attempt.queued_s)
+                self._cost_model.observe(actual, prompt_tokens, ttft_s, attempt.queued_s, attempt.running)
         if attempt.predicted_cached is None or self._prefix is None:
             return
         engine = attempt.endpoint.id
@@ -184,7 +185,7 @@ class Dispatcher:
         if self._prefix is not None and request.num_prompt_tokens is not None:
             predicted = self._prefix.predicted_cached_tokens(request, endpoint.id)
             prefill_s = self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
-        attempt = _Attempt(endpoint, predicted, prefill_s, queued_s=endpoint.pending_prefill_s)
+        attempt = _Attempt(endpoint, predicted, prefill_s, queued_s=endpoint.pending_prefill_s, running=endpoint.load)
         endpoint.in_flight += 1
         endpoint.pending_prefill_s += prefill_s
         self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)

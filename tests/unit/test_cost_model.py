@@ -116,3 +116,15 @@ def test_small_queue_is_subtracted_from_the_sample() -> None:
         waited.observe(cached, cached + uncached, y + 0.1 * y, queued_s=0.1 * y)  # waited, below the cut
     assert waited.num_samples == 100
     assert waited.describe() == pytest.approx(clean.describe(), rel=1e-6)
+
+
+def test_interference_per_running_request_is_learned() -> None:
+    # Engines where each running request delays a new prefill by 20 ms (the prior says 5 ms).
+    real = truth(0.012, 8e-5, 1e-8)
+    model = CostModel()
+    assert model.interference_s == pytest.approx(CostPrior().interference_s, rel=0.01)
+    for _ in range(30):
+        for (cached, uncached), running in zip(POINTS, [0, 1, 2, 4, 6, 8, 0, 3], strict=True):
+            model.observe(cached, cached + uncached, real(cached, uncached) + 0.02 * running, 0.0, running)
+    assert model.interference_s == pytest.approx(0.02, rel=0.15)
+    assert model.ttft_s(2048, 64, 0.0, 6) == pytest.approx(real(2048, 64) + 0.12, rel=0.15)
