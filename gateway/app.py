@@ -26,12 +26,15 @@ from gateway.kvindex.memory import InMemoryIndex
 from gateway.kvindex.service import PrefixService
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.metrics import GatewayMetrics
+from engine_adapter.transfer.nixl import NixlPullTransfer
 from gateway.proxy.dispatcher import Dispatcher
+from gateway.proxy.transfer import KVTransferRunner
 from gateway.proxy.upstream import build_client
 from gateway.routing.base import ScorerContext
 from gateway.routing.registry import build_scorers, policy_label
 from gateway.routing.cost_model import CostModel
 from gateway.routing.router import Router
+from gateway.routing.ttft import TTFTEstimator
 from gateway.tokenization.render import EngineRenderTokenizer
 from gateway.tokenization.tokenizer import HFPromptTokenizer, PromptTokenizer
 
@@ -48,14 +51,26 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
     kv = config.kv_index
     working_sets = WorkingSetTracker(window_s=kv.working_set_window_s)
     cost_model = CostModel()
+    estimator = TTFTEstimator(
+        cost_model, block_size=kv.block_size, registry=registry, transfer_config=config.kv_transfer
+    )
     context = ScorerContext(
         session_header=config.routing.session_header,
         block_size=kv.block_size,
         working_sets=working_sets,
         cost_model=cost_model,
+        ttft_estimator=estimator,
     )
     # Built here, not in the lifespan, so a bad policy fails before the server starts.
-    router = Router(registry, build_scorers(config.routing, context), policy_label(config.routing))
+    scorers = build_scorers(config.routing, context)
+    router = Router(registry, scorers, policy_label(config.routing))
+    # Transfers are planned by the kv_aware scorer's estimates: without it, none.
+    plans_transfers = (
+        kv.enabled
+        and config.kv_transfer.enabled
+        and any(w.scorer.name == "kv_aware" and w.weight > 0 for w in scorers)
+        and sum(e.kv_transfer for e in config.engines) >= 2
+    )
     index = InMemoryIndex(capacity_chunks=kv.capacity_chunks)
     ingestor = IndexIngestor(index, kv.block_size, registry.model_of, on_reset=lambda e, r: working_sets.forget(e))
 
@@ -85,8 +100,14 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
         app.state.prefix = prefix
         app.state.feeds = feeds
         app.state.cost_model = cost_model
+        transfers = None
+        if plans_transfers and prefix is not None:
+            transfers = KVTransferRunner(
+                NixlPullTransfer(upstream), estimator, registry, prefix, metrics, config.kv_transfer
+            )
+        app.state.transfers = transfers
         app.state.dispatcher = Dispatcher(
-            router, upstream, OutlierDetector(registry), metrics, config.proxy, prefix, cost_model
+            router, upstream, OutlierDetector(registry), metrics, config.proxy, prefix, cost_model, transfers
         )
         app.state.health_checker = checker
         # Know each engine's models and health before the first request arrives.
@@ -117,6 +138,7 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
     app.state.ingestor = ingestor
     app.state.metrics = metrics
     app.state.router = router
+    app.state.ttft_estimator = estimator
     app.include_router(build_openai_router())
     app.include_router(build_admin_router())
     app.include_router(build_debug_router())

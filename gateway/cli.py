@@ -38,12 +38,19 @@ def local_engine_configs(local: LocalEnginesConfig) -> tuple[list[EngineConfig],
         kv_cache_gib=local.kv_cache_gib,
         max_model_len=local.max_model_len,
         extra_args=local.extra_args,
+        kv_transfer_base_port=local.kv_transfer_base_port if local.kv_transfer else None,
     )
     fleet = EngineFleet(specs, local.log_dir)
     logger.info("starting %d CPU vLLM engines (logs in %s); this takes about a minute", len(specs), local.log_dir)
     fleet.start(timeout_s=local.startup_timeout_s)
     engines = [
-        EngineConfig(name=s.name, url=s.url, kv_events_endpoint=s.kv_events_endpoint, models=[s.served_model_name])
+        EngineConfig(
+            name=s.name,
+            url=s.url,
+            kv_events_endpoint=s.kv_events_endpoint,
+            models=[s.served_model_name],
+            kv_transfer=s.kv_transfer_port is not None,
+        )
         for s in specs
     ]
     return engines, fleet

@@ -43,6 +43,9 @@ class EngineConfig(_Strict):
     models: list[str] = Field(default_factory=list)
     # Sent upstream as a bearer token when the engine was started with --api-key.
     api_key: str | None = None
+    # The engine runs vLLM's NixlConnector (kv_role kv_both): it can give its cached KV to
+    # another such engine and take theirs (see `kv_transfer`).
+    kv_transfer: bool = False
 
     @field_validator("url")
     @classmethod
@@ -65,6 +68,10 @@ class LocalEnginesConfig(_Strict):
     kv_cache_gib: float = Field(default=1.0, gt=0)
     max_model_len: int = Field(default=16384, ge=256)
     extra_args: list[str] = Field(default_factory=list)
+    # Start the engines with vLLM's NixlConnector so the gateway can move KV between them;
+    # their NIXL side channels listen on consecutive ports from this one.
+    kv_transfer: bool = False
+    kv_transfer_base_port: int = Field(default=5600, ge=1024, le=65000)
     startup_timeout_s: float = Field(default=300.0, gt=0)
     log_dir: str = ".cache/engine-logs"
 
@@ -113,6 +120,18 @@ class HealthConfig(_Strict):
     healthy_threshold: int = Field(default=1, ge=1)
 
 
+class KVTransferConfig(_Strict):
+    """Moving a cached prefix from the engine holding it to the one chosen (engine_adapter.transfer).
+    Only engines marked `kv_transfer: true` take part, and only the `kv_aware` scorer plans
+    transfers: it compares them with recomputing and with waiting for the holder."""
+
+    enabled: bool = True
+    # Prefixes shorter than this (tokens beyond what the target already holds) are recomputed.
+    min_prefix_tokens: int = Field(default=512, ge=1)
+    # Both transfer steps together; past it the request is recomputed on the target.
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
 class ProxyConfig(_Strict):
     connect_timeout_s: float = Field(default=3.0, gt=0)
     # Longest silence allowed between two bytes from the engine (time to first byte included).
@@ -159,6 +178,7 @@ class GatewayConfig(_Strict):
     local_engines: LocalEnginesConfig | None = None
     models: list[ModelConfig] = Field(default_factory=list)
     kv_index: KVIndexConfig = Field(default_factory=KVIndexConfig)
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

@@ -57,3 +57,27 @@ class GatewayMetrics:
         self.client_disconnects = Counter(
             "gateway_client_disconnects", "Responses abandoned by the client mid-way.", ["route"], registry=r
         )
+        # KV transfers (gateway.proxy.transfer): attempted = succeeded + fell_back.
+        self.kv_transfers = Counter(
+            "gateway_kv_transfers", "KV transfers by outcome: attempted, succeeded, fell_back (recomputed).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.kv_transfer_failures = Counter(
+            "gateway_kv_transfer_failures", "Transfers that fell back, by the step that failed.", ["stage"], registry=r
+        )
+        self.kv_transfer_tokens = Counter(
+            "gateway_kv_transfer_tokens", "Prompt tokens whose KV was moved between engines.", ["source", "target"],
+            registry=r,
+        )  # fmt: skip
+        self.kv_transfer_duration = Histogram(
+            "gateway_kv_transfer_duration_seconds", "Both steps of a successful transfer, as the gateway timed them.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        # Saved time = recompute_estimated − transfer_estimated (as decided) and
+        # recompute_estimated − observed (as it happened); counters cannot go negative.
+        self.kv_transfer_ttft = Counter(
+            "gateway_kv_transfer_ttft_seconds",
+            "Time to first token of requests served after a transfer: recompute_estimated (the "
+            "alternative), transfer_estimated (the plan), observed (transfer start to first byte).",
+            ["kind"], registry=r,
+        )  # fmt: skip

@@ -28,6 +28,7 @@ class RoutingRequest:
     excluded: set[EngineId] = field(default_factory=set)
     # Filled by the prefix service before routing (None: no routable prompt).
     num_prompt_tokens: int | None = None
+    token_ids: list[int] = field(default_factory=list)
     chunk_keys: list[RequestChunkKey] = field(default_factory=list)
     # Per engine, the longest prefix of chunk_keys it holds (one index lookup per request).
     prefix_matches: dict[EngineId, PrefixMatch] = field(default_factory=dict)

@@ -27,6 +27,17 @@ class EngineLaunchError(RuntimeError):
     pass
 
 
+# KV transfer between CPU engines (design.md §5): the NIXL connector, KV buffers in host memory.
+NIXL_TRANSFER_CONFIG = {
+    "kv_connector": "NixlConnector",
+    "kv_role": "kv_both",
+    "kv_buffer_device": "cpu",
+    # One UCX worker thread, not vLLM's default four: two cores cannot spare them.
+    "kv_connector_extra_config": {"num_threads": 1},
+}
+NIXL_CPU_ENV: dict[str, str] = {}
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     name: str
@@ -40,6 +51,9 @@ class EngineSpec:
     max_model_len: int = 16384
     cpu_bind: str | None = None  # e.g. "0" or "0-1"; None lets vLLM decide
     num_gpu_blocks_override: int | None = None
+    # NIXL side-channel port: set, the engine can hand its cached KV to other engines and
+    # take theirs (engine_adapter.transfer); each engine on a host needs its own.
+    kv_transfer_port: int | None = None
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
 
@@ -75,6 +89,8 @@ class EngineSpec:
             args += ["--kv-events-config", json.dumps(events)]
         if self.num_gpu_blocks_override is not None:
             args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
+        if self.kv_transfer_port is not None:
+            args += ["--kv-transfer-config", json.dumps(NIXL_TRANSFER_CONFIG)]
         return args + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -84,6 +100,10 @@ class EngineSpec:
         if self.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.kv_transfer_port is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.host
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_transfer_port)
+            env.update(NIXL_CPU_ENV)
         env.update(dict(self.extra_env))
         return env
 
@@ -232,6 +252,7 @@ def local_specs(
     max_model_len: int = 16384,
     extra_args: Sequence[str] = (),
     num_gpu_blocks_override: int | None = None,
+    kv_transfer_base_port: int | None = None,
 ) -> list[EngineSpec]:
     """Specs for `count` engines on consecutive ports, each pinned to its own core."""
     num_cpus = os.cpu_count() or 1
@@ -248,6 +269,7 @@ def local_specs(
             max_model_len=max_model_len,
             cpu_bind=str(i % num_cpus),
             num_gpu_blocks_override=num_gpu_blocks_override,
+            kv_transfer_port=None if kv_transfer_base_port is None else kv_transfer_base_port + i,
             extra_args=tuple(extra_args),
         )
         for i in range(count)

@@ -12,6 +12,7 @@ from gateway.api.admin import require_admin
 from gateway.api.openai import parse_json_object, read_body, routing_request_from
 from gateway.kvindex.service import PrefixService
 from gateway.routing.router import Router
+from gateway.routing.ttft import TTFTEstimate, TTFTEstimator
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH
 
 
@@ -32,13 +33,11 @@ def build_debug_router() -> APIRouter:
             await prefix.annotate(routing_request)
         router_: Router = request.app.state.router
         decision = router_.evaluate(routing_request)
-        # Scorers that estimate something concrete (kv_aware: seconds to first token).
-        estimates: dict[str, float] = {}
+        # Seconds to first token per engine, recomputing or after a KV transfer, as kv_aware
+        # weighs them (shown whatever the policy).
+        estimator: TTFTEstimator = request.app.state.ttft_estimator
         candidates = router_.candidates(routing_request)
-        for weighted in router_.scorers:
-            estimate = getattr(weighted.scorer, "estimates", None)
-            if estimate is not None:
-                estimates.update(estimate(routing_request, candidates))
+        estimates = {e.id: estimator.estimate(routing_request, e) for e in candidates}
         engines: dict[str, Any] = {}
         for engine_id, total in decision.totals.items():
             match = routing_request.prefix_matches.get(engine_id)
@@ -48,7 +47,7 @@ def build_debug_router() -> APIRouter:
                 "matched_chunks": match.num_chunks if match else 0,
                 "matched_chunks_by_tier": dict(match.by_tier) if match else {},
                 "predicted_cached_tokens": prefix.predicted_cached_tokens(routing_request, engine_id) if prefix else None,
-                "estimated_ttft_s": estimates.get(engine_id),
+                **_describe_estimate(estimates.get(engine_id)),
             }
         return JSONResponse(
             {
@@ -57,9 +56,28 @@ def build_debug_router() -> APIRouter:
                 "prompt_tokens": routing_request.num_prompt_tokens,
                 "num_chunks": len(routing_request.chunk_keys),
                 "engines": engines,
-                "cost_model": request.app.state.cost_model.describe(),
+                "cost_model": estimator.cost_model.describe(),
+                "transfer_model": estimator.transfer_model.describe() if estimator.transfer_enabled else None,
                 "explain_ms": (time.perf_counter() - started) * 1000,
             }
         )
 
     return router
+
+
+def _describe_estimate(estimate: TTFTEstimate | None) -> dict[str, Any]:
+    if estimate is None:
+        return {"estimated_ttft_s": None, "estimated_recompute_s": None, "transfer": None}
+    option = estimate.transfer
+    return {
+        "estimated_ttft_s": estimate.best_s,
+        "estimated_recompute_s": estimate.recompute_s,
+        "transfer": None if option is None else {
+            "source": option.source,
+            "prefix_tokens": option.prefix_tokens,
+            "moved_tokens": option.moved_tokens,
+            "estimated_transfer_s": option.transfer_s,
+            "estimated_ttft_s": option.ttft_s,
+            "chosen": estimate.transfers,
+        },
+    }  # fmt: skip

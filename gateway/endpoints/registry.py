@@ -20,6 +20,8 @@ class Endpoint:
     kv_events_replay_endpoint: str | None = None
     kv_capacity_blocks: int | None = None
     api_key: str | None = None
+    # Runs vLLM's NixlConnector: can give and take cached KV (gateway.routing.ttft).
+    kv_transfer: bool = False
     # Models from the config; `discovered_models` comes from GET /v1/models.
     configured_models: frozenset[str] = frozenset()
     discovered_models: frozenset[str] = frozenset()
@@ -78,6 +80,7 @@ class EndpointRegistry:
                     kv_events_replay_endpoint=e.kv_events_replay_endpoint,
                     kv_capacity_blocks=e.kv_capacity_blocks,
                     api_key=e.api_key,
+                    kv_transfer=e.kv_transfer,
                     configured_models=frozenset(e.models),
                 )
                 for e in engines
@@ -131,6 +134,15 @@ class EndpointRegistry:
     def candidates_any(self) -> Sequence[Endpoint]:
         now = time.monotonic()
         return [e for e in self.endpoints if e.available(now)]
+
+    def transfer_sources(self, model: str) -> Sequence[Endpoint]:
+        """Engines that can hand over KV they hold for `model`. A draining engine can: it takes
+        no new requests, but giving away its cache is how its prefixes survive the drain."""
+        now = time.monotonic()
+        return [
+            e for e in self.endpoints
+            if e.kv_transfer and model in e.models and e.healthy and now >= e.ejected_until
+        ]  # fmt: skip
 
     def candidates(self, model: str, excluded: Iterable[str] = ()) -> Sequence[Endpoint]:
         now = time.monotonic()

@@ -44,6 +44,7 @@ class PrefixService:
         if not token_ids:
             return
         request.num_prompt_tokens = len(token_ids)
+        request.token_ids = list(token_ids)
         base_model, lora_name = self._registry.base_model(request.model)
         salt = request.body.get("cache_salt")
         root = chain_root(base_model, lora_name, salt if isinstance(salt, str) else None)
@@ -67,6 +68,21 @@ class PrefixService:
         else:
             self.index.add(endpoint.id, request.chunk_keys, TIER_APPROXIMATE, ttl_s=self._approximate_ttl_s)
         self.working_sets.touch(endpoint.id, request.chunk_keys)
+
+    def record_transferred(self, request: RoutingRequest, endpoint: Endpoint, prefix_tokens: int) -> None:
+        """`endpoint` now holds the request's first `prefix_tokens` (a KV transfer): a
+        speculative entry until its own BlockStored events confirm it, and the request's
+        match updated so the prediction checked against the engine's answer is right."""
+        num_chunks = prefix_tokens // self.block_size
+        keys = request.chunk_keys[:num_chunks]
+        if not keys:
+            return
+        self.index.add(endpoint.id, keys, TIER_SPECULATIVE, ttl_s=self._speculative_ttl_s)
+        match = request.prefix_matches.get(endpoint.id) or PrefixMatch()
+        if num_chunks > match.num_chunks:
+            by_tier = dict(match.by_tier)
+            by_tier[TIER_SPECULATIVE] = max(by_tier.get(TIER_SPECULATIVE, 0), num_chunks)
+            request.prefix_matches[endpoint.id] = PrefixMatch(num_chunks=num_chunks, by_tier=by_tier)
 
     def match(self, request: RoutingRequest, engine: EngineId) -> PrefixMatch:
         return request.prefix_matches.get(engine) or PrefixMatch()

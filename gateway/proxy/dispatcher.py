@@ -17,6 +17,7 @@ from gateway.errors import GatewayError, UpstreamConnectError
 from gateway.kvindex.service import PrefixService
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.stream import Outcome, PassthroughResponse
+from gateway.proxy.transfer import CompletedTransfer, KVTransferRunner
 from gateway.proxy.upstream import open_stream, upstream_headers
 from gateway.proxy.usage import UsageTap, cached_tokens
 from gateway.routing.cost_model import CostModel
@@ -42,6 +43,7 @@ class _Attempt:
     prefill_s: float  # predicted engine time, counted in the engine's queue until first byte
     queued_s: float  # what it was predicted to wait behind
     running: float  # requests on the engine when it was sent
+    transfer: CompletedTransfer | None = None  # KV moved to the engine before sending
     in_queue: bool = True
 
 
@@ -55,6 +57,7 @@ class Dispatcher:
         config: ProxyConfig,
         prefix: PrefixService | None = None,
         cost_model: CostModel | None = None,
+        transfers: KVTransferRunner | None = None,
     ) -> None:
         self._router = router
         self._client = client
@@ -63,6 +66,7 @@ class Dispatcher:
         self._config = config
         self._prefix = prefix
         self._cost_model = cost_model or CostModel()
+        self._transfers = transfers
 
     async def dispatch(self, request: RoutingRequest, body: bytes, started_at: float) -> PassthroughResponse:
         """Raises a GatewayError when no engine could answer; otherwise the response is the
@@ -76,6 +80,10 @@ class Dispatcher:
             attempt = self._acquire(request, decision.endpoint)
             endpoint = decision.endpoint
             self._metrics.routing_decisions.labels(decision.policy, endpoint.id).inc()
+            if self._transfers is not None and attempt_no == 0:
+                transfer = await self._transfers.prepare(request, endpoint)
+                if transfer is not None:
+                    self._reprice(request, attempt, transfer)
             headers = upstream_headers(request.headers, endpoint, request.request_id)
             try:
                 upstream = await open_stream(self._client, endpoint, request.api_path, headers, body)
@@ -135,6 +143,8 @@ class Dispatcher:
         def on_first_byte() -> None:
             first_byte_at.append(time.perf_counter())
             self._leave_queue(attempt)
+            if attempt.transfer is not None and self._transfers is not None:
+                self._transfers.first_byte(attempt.transfer, first_byte_at[0])
             self._metrics.ttft.labels(request.model, route).observe(first_byte_at[0] - started_at)
 
         def on_finish(outcome: Outcome) -> None:
@@ -162,8 +172,9 @@ class Dispatcher:
             return
         prompt_tokens = usage.get("prompt_tokens")
         if isinstance(prompt_tokens, int):
-            # Time to first byte is time to first token only when streaming, or for one token.
-            if request.stream or usage.get("completion_tokens") == 1:
+            # Time to first byte is time to first token only when streaming, or for one token;
+            # after a transfer it also holds the transfer (timed and calibrated on its own).
+            if (request.stream or usage.get("completion_tokens") == 1) and attempt.transfer is None:
                 self._cost_model.observe(actual, prompt_tokens, ttft_s, attempt.queued_s, attempt.running)
         if attempt.predicted_cached is None or self._prefix is None:
             return
@@ -190,6 +201,19 @@ class Dispatcher:
         endpoint.pending_prefill_s += prefill_s
         self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)
         return attempt
+
+    def _reprice(self, request: RoutingRequest, attempt: _Attempt, transfer: CompletedTransfer) -> None:
+        """After a transfer the engine holds more of the prompt: less to prefill."""
+        attempt.transfer = transfer
+        if self._prefix is None or request.num_prompt_tokens is None:
+            return
+        predicted = self._prefix.predicted_cached_tokens(request, attempt.endpoint.id)
+        prefill_s = self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
+        if attempt.in_queue:
+            pending = attempt.endpoint.pending_prefill_s - attempt.prefill_s + prefill_s
+            attempt.endpoint.pending_prefill_s = max(0.0, pending)
+        attempt.predicted_cached = predicted
+        attempt.prefill_s = prefill_s
 
     def _leave_queue(self, attempt: _Attempt) -> None:
         if attempt.in_queue:

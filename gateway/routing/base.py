@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from gateway.endpoints.registry import Endpoint
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.routing.cost_model import CostModel
+from gateway.routing.ttft import TTFTEstimator
 from gateway.types import EngineId, RoutingRequest
 
 
@@ -55,6 +56,15 @@ class ScorerContext:
     block_size: int = 32
     working_sets: WorkingSetTracker = field(default_factory=WorkingSetTracker)
     cost_model: CostModel = field(default_factory=CostModel)
+    # Estimates from `cost_model`, with KV-transfer options where the gateway enables them;
+    # unset, one over `cost_model` without transfers.
+    ttft_estimator: TTFTEstimator | None = None
+
+    @property
+    def ttft(self) -> TTFTEstimator:
+        if self.ttft_estimator is None:
+            self.ttft_estimator = TTFTEstimator(self.cost_model, block_size=self.block_size)
+        return self.ttft_estimator
 
 
 SCORERS: dict[str, Any] = {}

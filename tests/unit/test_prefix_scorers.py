@@ -244,15 +244,16 @@ def test_kv_aware_estimates_are_ttft() -> None:
     holder, other = endpoint("a", pending_s=0.5, in_flight=2), endpoint("b")
     req = request(4096, {"a": gpu(250)})
     estimates = kv_scorer(model).estimates(req, [holder, other])
-    assert estimates["a"] == pytest.approx(model.ttft_s(4000, 96, 0.5, 2))
-    assert estimates["b"] == pytest.approx(model.ttft_s(0, 4096, 0.0, 0))
+    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(4000, 96, 0.5, 2))
+    assert estimates["a"].transfer is None and estimates["a"].best_s == estimates["a"].recompute_s
+    assert estimates["b"].recompute_s == pytest.approx(model.ttft_s(0, 4096, 0.0, 0))
 
 
 def test_kv_aware_never_counts_the_last_prompt_token_as_cached() -> None:
     model = CostModel()
     req = request(64, {"a": gpu(4)})  # the whole prompt is in cache; vLLM still computes one token
     estimates = kv_scorer(model).estimates(req, [endpoint("a")])
-    assert estimates["a"] == pytest.approx(model.ttft_s(63, 1, 0.0, 0))
+    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(63, 1, 0.0, 0))
 
 
 def test_kv_aware_scores_are_relative_to_fastest() -> None:
