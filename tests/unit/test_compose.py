@@ -27,6 +27,8 @@ def test_compose_file_wires_gateway_and_two_engines() -> None:
         assert "--enable-prefix-caching" in args
         assert "--enable-prompt-tokens-details" in args
         assert '"enable_kv_cache_events":true' in args and "tcp://*:5557" in args
+        assert '"kv_connector":"NixlConnector"' in args
+        assert engine["environment"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == name
         assert engine["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
@@ -35,6 +37,8 @@ def test_compose_gateway_config_points_at_the_services() -> None:
     assert config.server.port == 8000
     assert [e.url for e in config.engines] == ["http://engine-0:8000", "http://engine-1:8000"]
     assert [e.kv_events_endpoint for e in config.engines] == ["tcp://engine-0:5557", "tcp://engine-1:5557"]
+    assert all(e.kv_transfer for e in config.engines) and config.kv_transfer.enabled
+    assert config.routing.policy == "kv_aware" and config.kv_index.block_size == 16
 
 
 def test_readme_gives_the_two_commands() -> None:
