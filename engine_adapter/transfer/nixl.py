@@ -39,6 +39,17 @@ _PREPARE_PARAMS: dict[str, Any] = {
 }
 
 
+def _one_token_request(model: str, prompt: Sequence[int], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": list(prompt),
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "stream": False,
+        "kv_transfer_params": kv_transfer_params,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class EngineAddress:
     url: str
@@ -100,14 +111,7 @@ class NixlPullTransfer:
         self, holder: EngineAddress, model: str, prefix_token_ids: Sequence[int], *, request_id: str
     ) -> dict[str, Any]:
         """Step 1: the holder pins P's blocks for a remote reader and says where they are."""
-        body = {
-            "model": model,
-            "prompt": list(prefix_token_ids),
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "stream": False,
-            "kv_transfer_params": dict(_PREPARE_PARAMS),
-        }
+        body = _one_token_request(model, prefix_token_ids, dict(_PREPARE_PARAMS))
         data = await self._post(holder, body, "prepare", request_id)
         params = data.get("kv_transfer_params")
         if not isinstance(params, dict) or not params.get("remote_block_ids"):
@@ -124,15 +128,7 @@ class NixlPullTransfer:
         request_id: str,
     ) -> None:
         """Step 2: the target reads P's blocks from the holder into its own cache."""
-        body = {
-            "model": model,
-            "prompt": list(prefix_token_ids),
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "stream": False,
-            "kv_transfer_params": params,
-        }
-        await self._post(target, body, "pull", request_id)
+        await self._post(target, _one_token_request(model, prefix_token_ids, params), "pull", request_id)
 
     async def _post(self, engine: EngineAddress, body: dict[str, Any], stage: str, request_id: str) -> dict[str, Any]:
         try:

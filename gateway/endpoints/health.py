@@ -1,6 +1,7 @@
 """Active health checks: poll each engine's /health, /v1/models and /metrics in the background.
 
-An engine leaves rotation after `unhealthy_threshold` failed checks in a row and comes back
+An engine leaves rotation after `unhealthy_threshold` failed checks (of /health and /v1/models;
+/metrics is load information and its failures only keep the last scrape) in a row and comes back
 after `healthy_threshold` passing ones. Passive ejection (connect errors seen by the proxy)
 lives in `gateway.endpoints.outlier`; a passing active check lifts it.
 """
@@ -47,10 +48,16 @@ class HealthChecker:
             health.raise_for_status()
             models = await self._get(endpoint, "/v1/models")
             models.raise_for_status()
-            metrics = await self._get(endpoint, "/metrics")
         except (httpx.HTTPError, OSError) as exc:
             self._record(endpoint, ok=False, reason=f"{type(exc).__name__}: {exc}", initial=initial)
             return
+        try:
+            metrics: httpx.Response | None = await self._get(endpoint, "/metrics")
+        except (httpx.HTTPError, OSError) as exc:
+            # Load information, not liveness: CPU vLLM can take seconds to answer /metrics
+            # while it generates (seen here with 4 decoding requests). Keep the last scrape.
+            logger.debug("engine %s: /metrics not scraped (%s)", endpoint.id, exc)
+            metrics = None
         try:
             cards = tuple(m for m in models.json()["data"] if isinstance(m.get("id"), str))
             endpoint.model_cards = cards
@@ -58,7 +65,7 @@ class HealthChecker:
         except (ValueError, KeyError, TypeError, AttributeError):
             self._record(endpoint, ok=False, reason="malformed /v1/models")
             return
-        if metrics.status_code == 200:
+        if metrics is not None and metrics.status_code == 200:
             try:
                 stats = parse_engine_metrics(metrics.text)
             except ValueError:

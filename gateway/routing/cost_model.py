@@ -23,6 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def solve_nonnegative(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients from the normal equations, clipped at 0 (rates are never
+    negative). The features span ~8 orders of magnitude (1, tokens, tokens²): the equations are
+    scaled to unit diagonal first, or the solve loses the constant term entirely."""
+    scale = np.sqrt(np.maximum(np.diag(xtx), 1e-300))
+    scaled = np.linalg.solve(xtx / np.outer(scale, scale), xty / scale)
+    return np.asarray(np.maximum(scaled / scale, 0.0), dtype=float)
+
+
 @dataclass(frozen=True, slots=True)
 class CostPrior:
     overhead_s: float = 0.01
@@ -58,11 +67,7 @@ class CostModel:
         return np.array([1.0, float(uncached), float(total * total - cached * cached), float(running)])
 
     def _solve(self) -> np.ndarray:
-        # The features span ~8 orders of magnitude (1, tokens, tokens², requests): scale the normal
-        # equations to unit diagonal first, or the solve loses the overhead term entirely.
-        scale = np.sqrt(np.maximum(np.diag(self._xtx), 1e-300))
-        scaled = np.linalg.solve(self._xtx / np.outer(scale, scale), self._xty / scale)
-        return np.asarray(np.maximum(scaled / scale, 0.0), dtype=float)
+        return solve_nonnegative(self._xtx, self._xty)
 
     def prefill_s(self, cached_tokens: int, uncached_tokens: int) -> float:
         """Engine time to prefill `uncached_tokens` after `cached_tokens` (no overhead)."""

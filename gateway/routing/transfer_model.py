@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.endpoints.registry import Endpoint
+from gateway.routing.cost_model import solve_nonnegative
 from gateway.types import EngineId
 
 
@@ -49,9 +50,7 @@ class TransferCostModel:
         self._wire_per_token_s = 0.0
 
     def _solve(self) -> np.ndarray:
-        scale = np.sqrt(np.maximum(np.diag(self._xtx), 1e-300))
-        scaled = np.linalg.solve(self._xtx / np.outer(scale, scale), self._xty / scale)
-        return np.asarray(np.maximum(scaled / scale, 0.0), dtype=float)
+        return solve_nonnegative(self._xtx, self._xty)
 
     @property
     def fixed_s(self) -> float:
