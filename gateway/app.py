@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine_adapter.transfer.nixl import NixlPullTransfer
 from gateway.api.admin import build_admin_router
 from gateway.api.debug import build_debug_router
 from gateway.api.openai import build_openai_router
@@ -26,7 +27,6 @@ from gateway.kvindex.memory import InMemoryIndex
 from gateway.kvindex.service import PrefixService
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.metrics import GatewayMetrics
-from engine_adapter.transfer.nixl import NixlPullTransfer
 from gateway.proxy.dispatcher import Dispatcher
 from gateway.proxy.transfer import KVTransferRunner
 from gateway.proxy.upstream import build_client

@@ -81,7 +81,11 @@ class Dispatcher:
             endpoint = decision.endpoint
             self._metrics.routing_decisions.labels(decision.policy, endpoint.id).inc()
             if self._transfers is not None and attempt_no == 0:
-                transfer = await self._transfers.prepare(request, endpoint)
+                try:
+                    transfer = await self._transfers.prepare(request, endpoint)
+                except BaseException:  # cancelled (client gone): nothing was sent for it
+                    self._release(attempt)
+                    raise
                 if transfer is not None:
                     self._reprice(request, attempt, transfer)
             headers = upstream_headers(request.headers, endpoint, request.request_id)

@@ -74,12 +74,11 @@ class KVTransferRunner:
                 request_id=request.request_id,
             )
         except KVTransferError as exc:
-            m.kv_transfers.labels("fell_back").inc()
-            m.kv_transfer_failures.labels(exc.stage).inc()
-            logger.warning(
-                "request %s: KV transfer %s -> %s failed at %s (%s); recomputing",
-                request.request_id, holder.id, target.id, exc.stage, exc,
-            )  # fmt: skip
+            self._fell_back(request, holder, target, exc.stage, str(exc))
+            return None
+        except Exception as exc:  # a bug here must not fail the client's request
+            logger.exception("request %s: KV transfer raised", request.request_id)
+            self._fell_back(request, holder, target, "error", repr(exc))
             return None
         m.kv_transfers.labels("succeeded").inc()
         m.kv_transfer_tokens.labels(holder.id, target.id).inc(option.moved_tokens)
@@ -91,6 +90,14 @@ class KVTransferRunner:
             request.request_id, option.moved_tokens, holder.id, target.id, timings.total_s * 1000,
         )  # fmt: skip
         return CompletedTransfer(option, estimate.recompute_s, started, timings.total_s)
+
+    def _fell_back(self, request: RoutingRequest, holder: Endpoint, target: Endpoint, stage: str, why: str) -> None:
+        self._metrics.kv_transfers.labels("fell_back").inc()
+        self._metrics.kv_transfer_failures.labels(stage).inc()
+        logger.warning(
+            "request %s: KV transfer %s -> %s failed at %s (%s); recomputing",
+            request.request_id, holder.id, target.id, stage, why,
+        )  # fmt: skip
 
     def first_byte(self, transfer: CompletedTransfer, at: float) -> None:
         """The request's first byte after a transfer: estimate against what happened."""
