@@ -156,11 +156,11 @@ def engine_request_counts(engine_urls: dict[str, str]) -> dict[str, float]:
     return counts
 
 
-def build_workloads(names: list[str], seed: int, scale: float) -> list[Workload]:
+def build_workloads(names: list[str], seed: int, scale: float, uses_per_prefix: int = 12) -> list[Workload]:
     n = lambda x: max(1, int(x * scale))  # noqa: E731
     workloads = []
     if "shared" in names:
-        workloads.append(shared_prefix(MODEL, num_groups=n(6), prompts_per_group=12, prefix_tokens=3072,
+        workloads.append(shared_prefix(MODEL, num_groups=n(6), prompts_per_group=uses_per_prefix, prefix_tokens=3072,
                                        question_tokens=96, max_tokens=8, seed=seed, rate_per_s=2.0))  # fmt: skip
     if "capacity" in names:
         # 8 groups × 3,072 tokens: 768 blocks, more than one engine's 640, less than two.
@@ -224,6 +224,8 @@ def main() -> None:
     parser.add_argument("--target", action="append", default=[], help="extra OpenAI-compatible URL to compare")
     parser.add_argument("--target-name", action="append", default=[])
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--uses-per-prefix", type=int, default=12,
+                        help="requests per group in the shared-prefix workload (its first use always misses)")
     parser.add_argument("--engine-args", default="", help="extra vLLM arguments, e.g. '--max-num-batched-tokens 512'")
     args = parser.parse_args()
 
@@ -246,7 +248,7 @@ def main() -> None:
                    for e in fleet.engines]  # fmt: skip
         for run_no, label in enumerate(policies + [t[0] for t in targets]):
             # Fresh token content per run: nobody inherits another run's cache.
-            workloads = build_workloads(args.workloads, args.seed + 100 * run_no, args.scale)
+            workloads = build_workloads(args.workloads, args.seed + 100 * run_no, args.scale, args.uses_per_prefix)
             for workload in workloads:
                 key = workload.name.split(" (")[0]
                 if key not in oracles:
