@@ -99,7 +99,6 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
             )  # fmt: skip
         app.state.prefix = prefix
         app.state.feeds = feeds
-        app.state.cost_model = cost_model
         transfers = None
         if plans_transfers and prefix is not None:
             transfers = KVTransferRunner(

@@ -17,11 +17,8 @@ class EngineStats:
     prefix_cache_hits: float = 0.0  # tokens hit, cumulative
     # Cumulative prompt tokens by source: local_cache_hit, local_compute, external_kv_transfer.
     prompt_tokens_by_source: dict[str, float] = field(default_factory=dict)
-    # NIXL KV transfers into this engine (vllm:nixl_*), cumulative: seconds on the wire,
-    # transfers, bytes.
+    # Seconds NIXL spent reading KV into this engine (vllm:nixl_xfer_time_seconds), cumulative.
     nixl_xfer_seconds: float = 0.0
-    nixl_xfers: float = 0.0
-    nixl_bytes: float = 0.0
     # From vllm:cache_config_info: KV-cache capacity in blocks, and the block size.
     num_gpu_blocks: int | None = None
     block_size: int | None = None
@@ -40,8 +37,6 @@ _COUNTERS = {
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
     "vllm:prefix_cache_hits_total": "prefix_cache_hits",
     "vllm:nixl_xfer_time_seconds_sum": "nixl_xfer_seconds",
-    "vllm:nixl_xfer_time_seconds_count": "nixl_xfers",
-    "vllm:nixl_bytes_transferred_sum": "nixl_bytes",
 }
 
 

@@ -14,6 +14,7 @@ between polls keeps idle engines quiet and costs a transfer at most that delay p
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -29,8 +30,6 @@ def _patch_nixl_agent_config() -> None:
     `nixl_agent.__init__` builds its C++ config object and sets `pthrDelay = 0` on it before
     creating the agent; a subclass of the binding's config class that keeps the larger delay is
     swapped in where `nixl_agent` looks it up."""
-    import importlib
-
     bindings = importlib.import_module(f"{_nixl_backend_module()}._bindings")
     base = bindings.nixlAgentConfig
     if getattr(base, "_gateway_delay_patched", False):
@@ -50,7 +49,7 @@ def _patch_nixl_agent_config() -> None:
 def _nixl_backend_module() -> str:
     for name in ("nixl_cu13", "nixl_cu12", "nixl_rocm"):
         try:
-            __import__(name)
+            importlib.import_module(name)
             return name
         except ImportError:
             continue

@@ -44,7 +44,7 @@ class PrefixService:
         if not token_ids:
             return
         request.num_prompt_tokens = len(token_ids)
-        request.token_ids = list(token_ids)
+        request.token_ids = token_ids
         base_model, lora_name = self._registry.base_model(request.model)
         salt = request.body.get("cache_salt")
         root = chain_root(base_model, lora_name, salt if isinstance(salt, str) else None)

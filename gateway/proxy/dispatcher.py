@@ -195,24 +195,24 @@ class Dispatcher:
         m.predictions.labels(verdict).inc()
 
     def _acquire(self, request: RoutingRequest, endpoint: Endpoint) -> _Attempt:
-        predicted = None
-        prefill_s = 0.0
-        if self._prefix is not None and request.num_prompt_tokens is not None:
-            predicted = self._prefix.predicted_cached_tokens(request, endpoint.id)
-            prefill_s = self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
+        predicted, prefill_s = self._predicted_prefill(request, endpoint)
         attempt = _Attempt(endpoint, predicted, prefill_s, queued_s=endpoint.pending_prefill_s, running=endpoint.load)
         endpoint.in_flight += 1
         endpoint.pending_prefill_s += prefill_s
         self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)
         return attempt
 
+    def _predicted_prefill(self, request: RoutingRequest, endpoint: Endpoint) -> tuple[int | None, float]:
+        """(cached tokens the engine should report, its predicted prefill seconds)."""
+        if self._prefix is None or request.num_prompt_tokens is None:
+            return None, 0.0
+        predicted = self._prefix.predicted_cached_tokens(request, endpoint.id)
+        return predicted, self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
+
     def _reprice(self, request: RoutingRequest, attempt: _Attempt, transfer: CompletedTransfer) -> None:
         """After a transfer the engine holds more of the prompt: less to prefill."""
         attempt.transfer = transfer
-        if self._prefix is None or request.num_prompt_tokens is None:
-            return
-        predicted = self._prefix.predicted_cached_tokens(request, attempt.endpoint.id)
-        prefill_s = self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
+        predicted, prefill_s = self._predicted_prefill(request, attempt.endpoint)
         if attempt.in_queue:
             pending = attempt.endpoint.pending_prefill_s - attempt.prefill_s + prefill_s
             attempt.endpoint.pending_prefill_s = max(0.0, pending)

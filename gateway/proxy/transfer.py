@@ -27,7 +27,6 @@ class CompletedTransfer:
     option: TransferOption
     recompute_s: float  # what recomputing on the target was estimated to take
     started_at: float  # time.perf_counter()
-    seconds: float
 
 
 class KVTransferRunner:
@@ -50,7 +49,7 @@ class KVTransferRunner:
     async def prepare(self, request: RoutingRequest, target: Endpoint) -> CompletedTransfer | None:
         """Move a prefix into `target` when that is estimated to beat recomputing it there.
         Returns the transfer once done; None when none was worth it or it failed."""
-        if not request.token_ids:
+        if not request.token_ids or not target.kv_transfer:
             return None
         self._estimator.transfer_model.refresh_wire_time(self._registry.endpoints)
         estimate = self._estimator.estimate(request, target)
@@ -89,7 +88,7 @@ class KVTransferRunner:
             "request %s: moved %d tokens of KV %s -> %s in %.0f ms",
             request.request_id, option.moved_tokens, holder.id, target.id, timings.total_s * 1000,
         )  # fmt: skip
-        return CompletedTransfer(option, estimate.recompute_s, started, timings.total_s)
+        return CompletedTransfer(option, estimate.recompute_s, started)
 
     def _fell_back(self, request: RoutingRequest, holder: Endpoint, target: Endpoint, stage: str, why: str) -> None:
         self._metrics.kv_transfers.labels("fell_back").inc()

@@ -22,14 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def solve_nonnegative(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients from the normal equations, clipped at 0 (rates are never
-    negative). The features span ~8 orders of magnitude (1, tokens, tokens²): the equations are
-    scaled to unit diagonal first, or the solve loses the constant term entirely."""
-    scale = np.sqrt(np.maximum(np.diag(xtx), 1e-300))
-    scaled = np.linalg.solve(xtx / np.outer(scale, scale), xty / scale)
-    return np.asarray(np.maximum(scaled / scale, 0.0), dtype=float)
+from gateway.routing.regression import PriorLeastSquares
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,30 +37,29 @@ class CostPrior:
 class CostModel:
     def __init__(self, prior: CostPrior | None = None, forgetting: float = 0.98) -> None:
         self.prior = prior or CostPrior()
-        self._forgetting = forgetting
         p = self.prior
-        # Pseudo-samples at representative sizes pin the prior's curve.
-        self._xtx = np.zeros((4, 4))
-        self._xty = np.zeros(4)
-        # The interference prior is a guess (it depends on the model and the batch), so its
-        # points count for less than the prefill ones.
+        # Pseudo-samples at representative sizes pin the prior's curve. The interference prior
+        # is a guess (it depends on the model and the batch), so its points count for less.
+        prior_samples = []
         for c, u, r, w in ((0, 256, 0, 1.0), (0, 2048, 0, 1.0), (2048, 256, 0, 1.0), (0, 8192, 0, 1.0),
                            (2048, 256, 4, 0.2), (0, 2048, 8, 0.2)):  # fmt: skip
             x = self._features(c, u, r)
             y = p.overhead_s + p.per_token_s * u + p.attention_s * x[2] + p.interference_s * r
-            self._xtx += w * p.weight * np.outer(x, x)
-            self._xty += w * p.weight * x * y
-        self._prior_xtx, self._prior_xty = self._xtx.copy(), self._xty.copy()
-        self.num_samples = 0
-        self._coef = self._solve()
+            prior_samples.append((x, y, w * p.weight))
+        self._fit = PriorLeastSquares(prior_samples, forgetting)
 
     @staticmethod
     def _features(cached: int, uncached: int, running: float = 0.0) -> np.ndarray:
         total = cached + uncached
         return np.array([1.0, float(uncached), float(total * total - cached * cached), float(running)])
 
-    def _solve(self) -> np.ndarray:
-        return solve_nonnegative(self._xtx, self._xty)
+    @property
+    def _coef(self) -> np.ndarray:
+        return self._fit.coef
+
+    @property
+    def num_samples(self) -> int:
+        return self._fit.num_samples
 
     def prefill_s(self, cached_tokens: int, uncached_tokens: int) -> float:
         """Engine time to prefill `uncached_tokens` after `cached_tokens` (no overhead)."""
@@ -98,12 +90,7 @@ class CostModel:
             return
         uncached = max(0, prompt_tokens - cached_tokens)
         x = self._features(cached_tokens, uncached, running)
-        y = ttft_s - queued_s
-        # Forget old samples, but never below the prior's own weight.
-        self._xtx = self._forgetting * (self._xtx - self._prior_xtx) + self._prior_xtx + np.outer(x, x)
-        self._xty = self._forgetting * (self._xty - self._prior_xty) + self._prior_xty + x * y
-        self.num_samples += 1
-        self._coef = self._solve()
+        self._fit.add(x, ttft_s - queued_s)
 
     def describe(self) -> dict[str, float]:
         return {

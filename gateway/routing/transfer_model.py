@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.endpoints.registry import Endpoint
-from gateway.routing.cost_model import solve_nonnegative
+from gateway.routing.regression import PriorLeastSquares
 from gateway.types import EngineId
 
 
@@ -32,33 +32,27 @@ class TransferPrior:
 class TransferCostModel:
     def __init__(self, prior: TransferPrior | None = None, forgetting: float = 0.95) -> None:
         self.prior = prior or TransferPrior()
-        self._forgetting = forgetting
         p = self.prior
-        self._prior_xtx = np.zeros((2, 2))
-        self._prior_xty = np.zeros(2)
-        for tokens in (512, 4096):
-            x = np.array([1.0, float(tokens)])
-            self._prior_xtx += p.weight * np.outer(x, x)
-            self._prior_xty += p.weight * x * (p.fixed_s + p.per_token_s * tokens)
-        self._xtx, self._xty = self._prior_xtx.copy(), self._prior_xty.copy()
-        self._coef = self._solve()
-        self.num_samples = 0
+        self._fit = PriorLeastSquares(
+            ((np.array([1.0, float(t)]), p.fixed_s + p.per_token_s * t, p.weight) for t in (512, 4096)), forgetting
+        )
         # Per target engine: NIXL seconds it reported before our first transfer into it, and
         # the tokens we moved into it since.
         self._wire_baseline_s: dict[EngineId, float] = {}
         self._tokens_moved: dict[EngineId, int] = {}
         self._wire_per_token_s = 0.0
 
-    def _solve(self) -> np.ndarray:
-        return solve_nonnegative(self._xtx, self._xty)
+    @property
+    def num_samples(self) -> int:
+        return self._fit.num_samples
 
     @property
     def fixed_s(self) -> float:
-        return float(self._coef[0])
+        return float(self._fit.coef[0])
 
     @property
     def per_token_s(self) -> float:
-        return max(float(self._coef[1]), self._wire_per_token_s)
+        return max(float(self._fit.coef[1]), self._wire_per_token_s)
 
     def seconds(self, moved_tokens: int) -> float:
         return self.fixed_s + self.per_token_s * moved_tokens
@@ -73,11 +67,7 @@ class TransferCostModel:
         """One finished transfer as the gateway timed it (both steps)."""
         if moved_tokens <= 0 or seconds <= 0:
             return
-        x = np.array([1.0, float(moved_tokens)])
-        self._xtx = self._forgetting * (self._xtx - self._prior_xtx) + self._prior_xtx + np.outer(x, x)
-        self._xty = self._forgetting * (self._xty - self._prior_xty) + self._prior_xty + x * seconds
-        self._coef = self._solve()
-        self.num_samples += 1
+        self._fit.add(np.array([1.0, float(moved_tokens)]), seconds)
         if target in self._tokens_moved:
             self._tokens_moved[target] += moved_tokens
 
