@@ -20,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT_DIR = ROOT / "bench" / "reports"
+LOG_DIR = ROOT / ".cache" / "bench-logs"
 
 
 def free_port() -> int:
@@ -42,14 +43,20 @@ def median(values: Sequence[float]) -> float:
 
 @contextlib.contextmanager
 def gateway_process(config: dict[str, Any], startup_timeout_s: float = 60) -> Iterator[str]:
-    """Run `python -m gateway` with `config` in its own process; yields its base URL."""
+    """Run `python -m gateway` with `config` in its own process; yields its base URL.
+
+    Its log goes to a file under .cache/bench-logs/: a pipe nobody reads fills up on a long
+    run and then blocks the gateway in its next log call."""
     port = free_port()
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"gateway-{port}.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--config", handle.name],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -61,8 +68,8 @@ def gateway_process(config: dict[str, Any], startup_timeout_s: float = 60) -> It
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"gateway did not start:\n{err[-2000:]}")
+                err = log_path.read_text(errors="replace")
+                raise RuntimeError(f"gateway did not start (log {log_path}):\n{err[-2000:]}")
             time.sleep(0.2)
         yield url
     finally:
@@ -73,6 +80,7 @@ def gateway_process(config: dict[str, Any], startup_timeout_s: float = 60) -> It
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
         os.unlink(handle.name)
 
 

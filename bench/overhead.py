@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from bench.common import ROOT, free_port, gateway_process, markdown_table, median, percentile, write_report
+from bench.common import LOG_DIR, ROOT, free_port, gateway_process, markdown_table, median, percentile, write_report
 
 
 @contextlib.contextmanager
@@ -29,7 +29,7 @@ def local_engine() -> Iterator[tuple[str, str, str]]:
     model_dir = ensure_tiny_model(ROOT / ".cache" / "tiny-llama")
     spec = EngineSpec(name="bench-0", model_dir=str(model_dir), served_model_name="tiny-llama", port=free_port())
     print("starting one local CPU engine (about a minute)...", file=sys.stderr)
-    with EngineFleet([spec], ROOT / ".cache" / "bench-logs"):
+    with EngineFleet([spec], LOG_DIR):
         yield spec.url, "tiny-llama", str(model_dir)
 
 

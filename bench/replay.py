@@ -6,10 +6,11 @@
 
 Starts 2 local CPU vLLM engines with the tiny model (KV cache capped so the capacity-pressure
 workload means something), then for each policy starts a gateway in front of them and
-replays each workload. Every run uses fresh token content, so no policy profits from another's
-cache. `--target URL` adds any OpenAI-compatible endpoint (another router, one engine) to the
-comparison on the same workloads. Prints one table per workload and writes a markdown report
-and a PNG plot to bench/reports/.
+replays each workload. Every run replays the same arrivals with fresh token content, so no
+policy profits from another's cache. `--target URL` adds any OpenAI-compatible endpoint
+(another router, one engine) to the comparison on the same workloads. Prints one table per
+workload and writes to bench/reports/ a markdown report, a PNG plot and every request's
+measurements (JSON lines).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, gateway_process, markdown_table, median, percentile, write_report
+from bench.common import LOG_DIR, ROOT, free_port, gateway_process, markdown_table, median, percentile, write_report
 from bench.workloads import BenchRequest, Workload, mooncake_trace, multi_turn, oracle_hit_rate, shared_prefix
 
 MODEL = "tiny-llama"
@@ -42,6 +43,9 @@ class Sample:
     predicted: int | None
     engine: str | None
     ok: bool = True
+    first_use: bool = False  # the first request of its group or chat: nothing can be cached yet
+    group: str = ""
+    sent_at_s: float = 0.0  # since the start of the run
 
 
 @dataclass
@@ -58,6 +62,7 @@ class RunResult:
         prompt = sum(s.prompt_tokens for s in ok)
         hit = sum(s.cached_tokens for s in ok) / prompt if prompt else 0.0
         ttfts = [s.ttft_s * 1000 for s in ok]
+        repeat_ttfts = [s.ttft_s * 1000 for s in ok if not s.first_use]
         loads = list(self.engine_requests.values())
         balance = max(loads) / (sum(loads) / len(loads)) if loads and sum(loads) else float("nan")
         checked = [s for s in ok if s.predicted is not None]
@@ -66,13 +71,14 @@ class RunResult:
         return [
             self.target, f"{hit:.1%}", f"{oracle:.1%}", f"{hit / oracle:.0%}" if oracle else "-",
             sum(ttfts) / len(ttfts) if ttfts else float("nan"), median(ttfts), percentile(ttfts, 90),
+            percentile(repeat_ttfts, 90),
             len(ok) / self.wall_s if self.wall_s else 0.0, balance,
             f"{accurate:.1%}" if checked else "n/a", self.failures,
         ]  # fmt: skip
 
 
 HEADERS = ["policy", "hit rate (engine)", "oracle", "of oracle", "TTFT mean ms", "TTFT p50 ms",
-           "TTFT p90 ms", "req/s", "max/mean load", "prediction ±1 block", "failed"]  # fmt: skip
+           "TTFT p90 ms", "p90 repeats ms", "req/s", "max/mean load", "prediction ±1 block", "failed"]  # fmt: skip
 
 
 async def send(client: httpx.AsyncClient, base_url: str, request: BenchRequest) -> Sample:
@@ -110,6 +116,7 @@ async def replay(base_url: str, workload: Workload, label: str) -> RunResult:
     for session in workload.sessions:
         queue.put_nowait(session)
     total = workload.num_requests
+    first_uses = workload.first_uses()
     started = time.perf_counter()
     done = 0
 
@@ -125,10 +132,13 @@ async def replay(base_url: str, workload: Workload, label: str) -> RunResult:
                     await asyncio.sleep(max(0.0, started + request.at_s - time.perf_counter()))
                 if request.think_s:
                     await asyncio.sleep(request.think_s)
+                sent_at = time.perf_counter() - started
                 try:
                     sample = await send(client, base_url, request)
                 except httpx.HTTPError:
                     sample = Sample(0, 0, 0, None, None, ok=False)
+                sample.first_use = id(request) in first_uses
+                sample.group, sample.sent_at_s = request.group, sent_at
                 result.samples.append(sample)
                 result.failures += 0 if sample.ok else 1
                 done += 1
@@ -156,25 +166,34 @@ def engine_request_counts(engine_urls: dict[str, str]) -> dict[str, float]:
     return counts
 
 
-def build_workloads(names: list[str], seed: int, scale: float, uses_per_prefix: int = 12) -> list[Workload]:
+def build_workloads(names: list[str], seed: int, content_seed: int, scale: float = 1.0, uses_per_prefix: int = 24,
+                    turns: int = 24) -> list[Workload]:  # fmt: skip
+    """`seed` fixes each workload's shape (arrivals, order, lengths), `content_seed` its tokens."""
     n = lambda x: max(1, int(x * scale))  # noqa: E731
     workloads = []
     if "shared" in names:
+        # 6 groups × 3,072 tokens: 576 blocks, all of them fit in one engine's 640.
         workloads.append(shared_prefix(MODEL, num_groups=n(6), prompts_per_group=uses_per_prefix, prefix_tokens=3072,
-                                       question_tokens=96, max_tokens=8, seed=seed, rate_per_s=2.0))  # fmt: skip
+                                       question_tokens=96, max_tokens=8, seed=seed, content_seed=content_seed,
+                                       rate_per_s=2.0))  # fmt: skip
     if "capacity" in names:
         # 8 groups × 3,072 tokens: 768 blocks, more than one engine's 640, less than two.
-        workloads.append(shared_prefix(MODEL, num_groups=8, prompts_per_group=n(8), prefix_tokens=3072,
-                                       question_tokens=96, max_tokens=8, seed=seed + 1, rate_per_s=4.0))  # fmt: skip
+        workloads.append(shared_prefix(MODEL, num_groups=8, prompts_per_group=uses_per_prefix, prefix_tokens=3072,
+                                       question_tokens=96, max_tokens=8, seed=seed + 1,
+                                       content_seed=content_seed + 1, rate_per_s=2.0))  # fmt: skip
         workloads[-1].name = "capacity pressure " + workloads[-1].name
     if "multi" in names:
-        # Agent-loop shape: a long system prompt, many short turns.
-        workloads.append(multi_turn(MODEL, num_sessions=n(16), turns=12, system_words=700, user_words=40,
-                                    reply_words=30, max_tokens=8, seed=seed + 2, session_rate_per_s=0.25,
-                                    think_s=2.0))  # fmt: skip
+        # Agent-loop shape: a long system prompt, many short turns (~1.6k tokens growing by ~175
+        # a turn). About 7 chats are in progress at a time, 18k tokens of history on average and
+        # up to ~30k: often more than one engine's 20k (640 blocks), three quarters of two
+        # engines' at the peak. Round robin puts every chat on both engines and evicts
+        # histories still in use; a prefix-aware policy can keep each where it is.
+        workloads.append(multi_turn(MODEL, num_sessions=n(16), turns=turns, system_words=700, user_words=40,
+                                    reply_words=30, max_tokens=8, seed=seed + 2, content_seed=content_seed + 2,
+                                    session_rate_per_s=0.13, think_s=2.0))  # fmt: skip
     if "trace" in names:
         workloads.append(mooncake_trace(MODEL, TRACE, max_requests=n(150), max_blocks=6, block_tokens=512,
-                                        time_scale=1.0, max_tokens=16, seed=seed + 3))  # fmt: skip
+                                        time_scale=1.0, max_tokens=16, seed=content_seed + 3))  # fmt: skip
     return workloads
 
 
@@ -224,8 +243,9 @@ def main() -> None:
     parser.add_argument("--target", action="append", default=[], help="extra OpenAI-compatible URL to compare")
     parser.add_argument("--target-name", action="append", default=[])
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--uses-per-prefix", type=int, default=12,
+    parser.add_argument("--uses-per-prefix", type=int, default=24,
                         help="requests per group in the shared-prefix workload (its first use always misses)")
+    parser.add_argument("--turns", type=int, default=24, help="turns per chat in the multi-turn workload")
     parser.add_argument("--engine-args", default="", help="extra vLLM arguments, e.g. '--max-num-batched-tokens 512'")
     args = parser.parse_args()
 
@@ -242,13 +262,14 @@ def main() -> None:
                                                  args.target)]  # fmt: skip
     results: dict[str, list[RunResult]] = {}
     oracles: dict[str, float] = {}
-    with EngineFleet(specs, ROOT / ".cache" / "bench-logs") as fleet:
+    with EngineFleet(specs, LOG_DIR) as fleet:
         engine_urls = {e.spec.name: e.spec.url for e in fleet.engines}
         engines = [{"name": e.spec.name, "url": e.spec.url, "kv_events_endpoint": e.spec.kv_events_endpoint}
                    for e in fleet.engines]  # fmt: skip
         for run_no, label in enumerate(policies + [t[0] for t in targets]):
-            # Fresh token content per run: nobody inherits another run's cache.
-            workloads = build_workloads(args.workloads, args.seed + 100 * run_no, args.scale, args.uses_per_prefix)
+            # The same arrivals for every run, fresh token content: nobody inherits another's cache.
+            workloads = build_workloads(args.workloads, args.seed, args.seed + 100 * (run_no + 1), args.scale,
+                                        args.uses_per_prefix, args.turns)  # fmt: skip
             for workload in workloads:
                 key = workload.name.split(" (")[0]
                 if key not in oracles:
@@ -274,12 +295,20 @@ def main() -> None:
         "Hit rate: engine-reported cached prompt tokens / prompt tokens. Oracle: one pooled LRU "
         f"cache of the fleet's capacity ({2 * args.kv_blocks} blocks of {BLOCK_SIZE}), requests in order. "
         "Load: requests per engine (engine metrics), max/mean. Prediction: share of requests whose "
-        "x-gateway-predicted-cached-tokens is within one block of the engine's cached_tokens."
+        "x-gateway-predicted-cached-tokens is within one block of the engine's cached_tokens. "
+        "p90 repeats: TTFT p90 without the first request of each group or chat (a compulsory miss "
+        "whatever the policy)."
     )
-    png = write_report("replay", "Replay benchmark", "\n\n".join(sections) + "\n\n" + REPORT_NOTE)
-    plot_path = png.with_suffix(".png")
+    report = write_report("replay", "Replay benchmark", "\n\n".join(sections) + "\n\n" + REPORT_NOTE)
+    plot_path = report.with_suffix(".png")
     plot(results, plot_path)
-    print(f"\nreport: {png}\nplot: {plot_path}")
+    samples_path = report.with_suffix(".samples.jsonl")
+    with samples_path.open("w") as handle:
+        for runs in results.values():
+            for run in runs:
+                for sample in run.samples:
+                    handle.write(json.dumps({"workload": run.workload, "target": run.target, **asdict(sample)}) + "\n")
+    print(f"\nreport: {report}\nplot: {plot_path}\nper-request samples: {samples_path}")
 
 
 if __name__ == "__main__":

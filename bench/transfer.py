@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from bench.common import ROOT, free_port, markdown_table, median, write_report
+from bench.common import LOG_DIR, ROOT, free_port, markdown_table, median, write_report
 from engine_adapter.transfer.nixl import EngineAddress, NixlPullTransfer
 from gateway.config import KVTransferConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
@@ -219,7 +219,7 @@ def main() -> None:
         for i in range(2)
     ]
     print("starting 2 local CPU engines with NIXL (about a minute)...", file=sys.stderr)
-    with EngineFleet(specs, ROOT / ".cache" / "bench-logs"):
+    with EngineFleet(specs, LOG_DIR):
         text = asyncio.run(run(specs[0].url, specs[1].url, lengths, args.repeats, args.busy_tokens))
     print(text)
     print(f"report: {write_report('transfer', 'KV transfer vs recompute vs waiting', text)}")

@@ -40,6 +40,16 @@ class Workload:
     def num_requests(self) -> int:
         return sum(len(s) for s in self.sessions)
 
+    def first_uses(self) -> set[int]:
+        """id() of the first request of each group in arrival order: nothing to hit yet."""
+        def arrival(request: BenchRequest) -> float:
+            return request.at_s if request.at_s is not None else float("inf")
+
+        firsts: dict[str, BenchRequest] = {}
+        for request in sorted((r for s in self.sessions for r in s), key=arrival):
+            firsts.setdefault(request.group, request)
+        return {id(r) for r in firsts.values()}
+
 
 def _ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randint(_FIRST_ID, _LAST_ID) for _ in range(n)]
@@ -51,16 +61,21 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def shared_prefix(model: str, *, num_groups: int, prompts_per_group: int, prefix_tokens: int,
-                  question_tokens: int, max_tokens: int, seed: int, rate_per_s: float) -> Workload:  # fmt: skip
+                  question_tokens: int, max_tokens: int, seed: int, rate_per_s: float,
+                  content_seed: int | None = None) -> Workload:  # fmt: skip
     """Groups of requests sharing a long prefix (a system prompt, a document), each with its
     own question; requests of all groups interleaved at random, arriving as a Poisson process
-    of `rate_per_s` (open loop: arrivals do not wait for answers)."""
+    of `rate_per_s` (open loop: arrivals do not wait for answers).
+
+    `seed` fixes the shape (order, arrival times), `content_seed` the token ids: runs that
+    compare policies share the shape and differ in content, so no run hits another's cache."""
     rng = random.Random(seed)
-    prefixes = [_ids(rng, prefix_tokens) for _ in range(num_groups)]
+    content = random.Random(seed if content_seed is None else content_seed)
+    prefixes = [_ids(content, prefix_tokens) for _ in range(num_groups)]
     requests = []
     for g, prefix in enumerate(prefixes):
         for _ in range(prompts_per_group):
-            ids = prefix + _ids(rng, question_tokens)
+            ids = prefix + _ids(content, question_tokens)
             body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "ignore_eos": True}
             requests.append(BenchRequest("/v1/completions", body, group=f"g{g}", prompt_ids=ids))
     rng.shuffle(requests)
@@ -77,23 +92,25 @@ def shared_prefix(model: str, *, num_groups: int, prompts_per_group: int, prefix
 
 def multi_turn(model: str, *, num_sessions: int, turns: int, system_words: int, user_words: int,
                reply_words: int, max_tokens: int, seed: int, session_rate_per_s: float,
-               think_s: float) -> Workload:  # fmt: skip
+               think_s: float, content_seed: int | None = None) -> Workload:  # fmt: skip
     """Chats whose history grows each turn: turn t sends the whole conversation so far.
-    Sessions start as a Poisson process; each turn follows the previous answer after `think_s`."""
+    Chat i starts at a random moment of the i-th interval of 1/`session_rate_per_s` (a steady
+    number of chats in progress; Poisson starts made a 16-chat run's peak vary ±35 % with the
+    seed); each turn follows the previous answer after `think_s`. Seeds as in shared_prefix."""
     rng = random.Random(seed)
+    content = random.Random(seed if content_seed is None else content_seed)
     sessions = []
-    start = 0.0
     for s in range(num_sessions):
-        start += rng.expovariate(session_rate_per_s)
-        messages: list[dict[str, str]] = [{"role": "system", "content": _words(rng, system_words)}]
+        start = (s + rng.random()) / session_rate_per_s
+        messages: list[dict[str, str]] = [{"role": "system", "content": _words(content, system_words)}]
         session = []
         for t in range(turns):
-            messages = messages + [{"role": "user", "content": f"Turn {t}. " + _words(rng, user_words)}]
+            messages = messages + [{"role": "user", "content": f"Turn {t}. " + _words(content, user_words)}]
             body = {"model": model, "messages": list(messages), "max_tokens": max_tokens, "ignore_eos": True}
             session.append(BenchRequest("/v1/chat/completions", body, group=f"s{s}",
                                         at_s=start if t == 0 else None, think_s=0.0 if t == 0 else think_s))  # fmt: skip
             # A fixed reply keeps the history identical whatever the engine generated.
-            messages = messages + [{"role": "assistant", "content": _words(rng, reply_words)}]
+            messages = messages + [{"role": "assistant", "content": _words(content, reply_words)}]
         sessions.append(session)
     return Workload(f"multi-turn {num_sessions}x{turns}", sessions, num_sessions,
                     f"{num_sessions} chats × {turns} turns, system {system_words} words, "

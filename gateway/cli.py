@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="override server.port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: one line per proxied request is the access
+    # log's job, not the client library's.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
