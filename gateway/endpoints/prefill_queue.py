@@ -3,8 +3,8 @@
 The engine works through our requests about in arrival order (vLLM schedules first come,
 first served and cuts long prefills into chunks), so the wait is the predicted prefill of the
 requests without a first byte yet, minus the work the engine has done on them since it began.
-Counting only the first part, a prefill nearly finished still weighed in full, and the
-kv_aware policy moved requests off engines that were about to be free.
+Counting only the first part, a prefill nearly finished would weigh in full, and the kv_aware
+policy would send requests away from an engine about to be free.
 """
 
 from __future__ import annotations
