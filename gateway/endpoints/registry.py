@@ -9,7 +9,6 @@ from typing import Any
 
 from engine_adapter.metrics import EngineStats
 from gateway.config import EngineConfig
-from gateway.endpoints.prefill_queue import PrefillQueue
 from gateway.types import EngineId
 
 
@@ -34,8 +33,8 @@ class Endpoint:
     in_flight: int = 0
     # Our own in-flight count when `stats` was scraped: the engine's numbers include those.
     in_flight_at_scrape: int = 0
-    # Our requests sent here that have no first byte yet, as predicted prefill work.
-    prefill_queue: PrefillQueue = field(default_factory=PrefillQueue)
+    # Predicted prefill seconds of our requests sent here that have no first byte yet.
+    pending_prefill_s: float = 0.0
     stats: EngineStats | None = None
     consecutive_failures: int = 0
     consecutive_successes: int = 0
@@ -54,11 +53,6 @@ class Endpoint:
         if self.kv_capacity_blocks is not None:
             return self.kv_capacity_blocks
         return None if self.stats is None else self.stats.num_gpu_blocks
-
-    @property
-    def queue_wait_s(self) -> float:
-        """Predicted wait of a request sent now behind our prefills already sent here."""
-        return self.prefill_queue.wait_s()
 
     @property
     def load(self) -> float:

@@ -146,7 +146,7 @@ class Dispatcher:
 
         def on_first_byte() -> None:
             first_byte_at.append(time.perf_counter())
-            self._leave_queue(attempt, answered=True)
+            self._leave_queue(attempt)
             if attempt.transfer is not None and self._transfers is not None:
                 self._transfers.first_byte(attempt.transfer, first_byte_at[0])
             self._metrics.ttft.labels(request.model, route).observe(first_byte_at[0] - started_at)
@@ -196,9 +196,9 @@ class Dispatcher:
 
     def _acquire(self, request: RoutingRequest, endpoint: Endpoint) -> _Attempt:
         predicted, prefill_s = self._predicted_prefill(request, endpoint)
-        attempt = _Attempt(endpoint, predicted, prefill_s, queued_s=endpoint.queue_wait_s, running=endpoint.load)
+        attempt = _Attempt(endpoint, predicted, prefill_s, queued_s=endpoint.pending_prefill_s, running=endpoint.load)
         endpoint.in_flight += 1
-        endpoint.prefill_queue.add(prefill_s)
+        endpoint.pending_prefill_s += prefill_s
         self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)
         return attempt
 
@@ -214,20 +214,17 @@ class Dispatcher:
         attempt.transfer = transfer
         predicted, prefill_s = self._predicted_prefill(request, attempt.endpoint)
         if attempt.in_queue:
-            attempt.endpoint.prefill_queue.adjust(prefill_s - attempt.prefill_s)
+            pending = attempt.endpoint.pending_prefill_s - attempt.prefill_s + prefill_s
+            attempt.endpoint.pending_prefill_s = max(0.0, pending)
         attempt.predicted_cached = predicted
         attempt.prefill_s = prefill_s
 
-    def _leave_queue(self, attempt: _Attempt, answered: bool) -> None:
+    def _leave_queue(self, attempt: _Attempt) -> None:
         if attempt.in_queue:
             attempt.in_queue = False
-            queue = attempt.endpoint.prefill_queue
-            if answered:
-                queue.started_answering(attempt.prefill_s)
-            else:
-                queue.abandoned(attempt.prefill_s)
+            attempt.endpoint.pending_prefill_s = max(0.0, attempt.endpoint.pending_prefill_s - attempt.prefill_s)
 
     def _release(self, attempt: _Attempt) -> None:
-        self._leave_queue(attempt, answered=False)
+        self._leave_queue(attempt)
         attempt.endpoint.in_flight -= 1
         self._metrics.in_flight.labels(attempt.endpoint.id).set(attempt.endpoint.in_flight)

@@ -5,8 +5,8 @@
 The linear term is the per-token work, the quadratic one attention over the growing context
 (on the tiny CPU model a 1k-token prefill costs ~90 ms and a 15k one ~3.1 s: not linear).
     ttft(engine) = overhead + queue(engine) + d·running(engine) + prefill(c_engine, u_engine)
-where queue is the wait behind the requests already sent to the engine that have not produced
-their first byte (gateway.endpoints.prefill_queue), and d the time each request already running on the engine adds
+where queue is the predicted prefill of requests already sent to the engine that have not
+produced their first byte, and d the time each request already running on the engine adds
 (the new prefill shares the engine's steps with their decoding).
 
 Calibration: every answered request gives (cached tokens the engine reported, prompt tokens,

@@ -78,7 +78,7 @@ class TTFTEstimator:
         n = request.num_prompt_tokens or 0
         cached = self.cached_tokens(request, target.id)
         model = self.cost_model
-        recompute = model.ttft_s(cached, n - cached, target.queue_wait_s, target.load)
+        recompute = model.ttft_s(cached, n - cached, target.pending_prefill_s, target.load)
         return TTFTEstimate(target.id, recompute, self._best_transfer(request, target, cached))
 
     def _best_transfer(self, request: RoutingRequest, target: Endpoint, cached: int) -> TransferOption | None:
@@ -99,10 +99,10 @@ class TTFTEstimator:
             if moved < self._transfer_config.min_prefix_tokens:
                 continue
             # The holder runs a 1-token request over its cached prefix: its queue, then ~a block.
-            holder_turn = model.ttft_s(prefix - self._block_size, self._block_size, holder.queue_wait_s, holder.load)
+            holder_turn = model.ttft_s(prefix - self._block_size, self._block_size, holder.pending_prefill_s, holder.load)
             transfer_s = holder_turn + self.transfer_model.seconds(moved)
             ttft = (
-                max(target.queue_wait_s, transfer_s)
+                max(target.pending_prefill_s, transfer_s)
                 + model.overhead_s
                 + model.interference_s * target.load
                 + model.prefill_s(prefix, n - prefix)

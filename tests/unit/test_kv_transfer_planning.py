@@ -6,7 +6,6 @@ import pytest
 
 from engine_adapter.metrics import EngineStats
 from gateway.config import KVTransferConfig
-from gateway.endpoints.prefill_queue import PrefillQueue
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.kvindex.base import TIER_GPU, TIER_SPECULATIVE, PrefixMatch
 from gateway.routing.base import ScorerContext, ScorerParams
@@ -21,7 +20,7 @@ BLOCK = 32
 
 def engine(name: str, *, kv_transfer: bool = True, pending_s: float = 0.0, in_flight: int = 0) -> Endpoint:
     return Endpoint(id=EngineId(name), url=f"http://{name}", configured_models=frozenset({"m"}),
-                    kv_transfer=kv_transfer, prefill_queue=PrefillQueue(pending_s=pending_s, clock=lambda: 0.0), in_flight=in_flight)  # fmt: skip
+                    kv_transfer=kv_transfer, pending_prefill_s=pending_s, in_flight=in_flight)  # fmt: skip
 
 
 def request(num_tokens: int, matches: dict[str, PrefixMatch]) -> RoutingRequest:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.endpoints.prefill_queue import PrefillQueue
 from gateway.endpoints.registry import Endpoint
 from gateway.kvindex.base import TIER_CPU, TIER_GPU, TIER_SPECULATIVE, TIER_STORAGE, PrefixMatch
 from gateway.kvindex.working_set import WorkingSetTracker
@@ -18,7 +17,7 @@ BLOCK = 16
 
 def endpoint(name: str, in_flight: int = 0, capacity: int | None = None, pending_s: float = 0.0) -> Endpoint:
     return Endpoint(id=EngineId(name), url=f"http://{name}", configured_models=frozenset({"m"}), in_flight=in_flight,
-                    kv_capacity_blocks=capacity, prefill_queue=PrefillQueue(pending_s=pending_s, clock=lambda: 0.0))  # fmt: skip
+                    kv_capacity_blocks=capacity, pending_prefill_s=pending_s)  # fmt: skip
 
 
 def request(num_tokens: int | None, matches: dict[str, PrefixMatch] | None = None,
