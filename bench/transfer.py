@@ -32,6 +32,7 @@ import httpx
 
 from bench.common import LOG_DIR, ROOT, free_port, markdown_table, median, write_report
 from engine_adapter.transfer.nixl import EngineAddress, NixlPullTransfer
+from gateway.kvindex.layout import KVLayout
 from gateway.config import KVTransferConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.kvindex.base import TIER_GPU, PrefixMatch
@@ -141,7 +142,7 @@ def picks(estimator: TTFTEstimator, length: int, busy_tokens: int) -> tuple[dict
         a = Endpoint(EngineId("a"), "http://a", configured_models=frozenset({MODEL}), kv_transfer=True,
                      pending_prefill_s=queue, in_flight=int(busy))  # fmt: skip
         b = Endpoint(EngineId("b"), "http://b", configured_models=frozenset({MODEL}), kv_transfer=True)
-        situation = TTFTEstimator(estimator.cost_model, block_size=BLOCK, registry=EndpointRegistry([a, b]),
+        situation = TTFTEstimator(estimator.cost_model, layout=KVLayout(BLOCK), registry=EndpointRegistry([a, b]),
                                   transfer_model=estimator.transfer_model, transfer_config=TRANSFER)  # fmt: skip
         on_b = situation.estimate(request, b)
         options = {"recompute": on_b.recompute_s}
@@ -158,7 +159,7 @@ def ms(seconds: float) -> float:
 
 
 async def run(a_url: str, b_url: str, lengths: list[int], repeats: int, busy_tokens: int) -> str:
-    estimator = TTFTEstimator(CostModel(), block_size=BLOCK)
+    estimator = TTFTEstimator(CostModel(), layout=KVLayout(BLOCK))
     async with httpx.AsyncClient(timeout=120) as client:
         engines = Engines(client, a_url, b_url)
         print("calibrating the gateway's cost models on other sizes...", file=sys.stderr)

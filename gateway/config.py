@@ -85,15 +85,18 @@ class LocalEnginesConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str
-    # Where the gateway gets token ids: a local Hugging Face tokenizer directory (fast, no
-    # extra hop), or "engine" to ask an engine's /render endpoint (vLLM --enable-scale-out).
-    tokenizer: str = "engine"
+    # Where the gateway gets token ids (gateway.tokenization.models): "auto" (the model's own
+    # files where this host has them, else the engines), "engine" (the engines' /tokenize or
+    # /render), or a local tokenizer directory or Hugging Face model id. Checked against the
+    # engines' own tokenization before use.
+    tokenizer: str = Field(default="auto", min_length=1)
 
 
 class KVIndexConfig(_Strict):
     enabled: bool = True
-    # Must equal the engines' KV block size (vLLM --block-size); keys line up with blocks.
-    block_size: int = Field(default=32, ge=1)
+    # The engines' KV block size (vLLM --block-size); keys line up with blocks. Unset, it is
+    # read from the engines; set, an engine that disagrees is an error at start-up.
+    block_size: int | None = Field(default=None, ge=1)
     backend: Literal["memory"] = "memory"
     # Upper bound on distinct chunk keys held (LRU beyond it); ~200 bytes each.
     capacity_chunks: int = Field(default=2_000_000, ge=1000)
@@ -155,8 +158,9 @@ class ScorerConfig(BaseModel):
 
 
 class RoutingConfig(_Strict):
-    # A preset name (round_robin, least_loaded, session) or None when `scorers` is given.
-    policy: str | None = "least_loaded"
+    # A preset name (prefix, kv_aware, round_robin, least_loaded, session) or None when
+    # `scorers` is given. The default routes by cached prefix, capacity-aware, with a load release.
+    policy: str | None = "prefix"
     scorers: list[ScorerConfig] | None = None
     # Header read by the session scorer (also usable by custom scorers).
     session_header: str = "x-session-id"

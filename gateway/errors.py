@@ -4,6 +4,8 @@
     ├── BadRequest (400)              invalid JSON, missing/invalid fields
     ├── Unauthorized (401)
     ├── ModelNotFound (404)
+    ├── ResponseNotFound (404)        a Responses API id no engine holds
+    ├── EndpointNotServed (404)       the model's engine has no such API
     ├── PayloadTooLarge (413)
     ├── NoHealthyEndpoint (503)       the model exists but no engine can take it now
     └── UpstreamError (502)           an engine failed before answering
@@ -50,6 +52,18 @@ class ModelNotFound(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class ResponseNotFound(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
+class EndpointNotServed(GatewayError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "unsupported_endpoint"
 
 
 class PayloadTooLarge(GatewayError):

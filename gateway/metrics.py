@@ -54,6 +54,16 @@ class GatewayMetrics:
             "gateway_cached_tokens_predictions", "Checked predictions: within_one_block, under, over.",
             ["verdict"], registry=r,
         )  # fmt: skip
+        self.tokenizer_ready = Gauge(
+            "gateway_tokenizer_ready",
+            "1 if the gateway tokenizes this model's prompts as its engines do (checked against their "
+            "/tokenize); 0 if it cannot, and then requests for it route without prefix knowledge.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.tokenization_failures = Counter(
+            "gateway_tokenization_failures", "Requests routed without prefix knowledge: their prompt could "
+            "not be tokenized.", ["model"], registry=r,
+        )  # fmt: skip
         self.client_disconnects = Counter(
             "gateway_client_disconnects", "Responses abandoned by the client mid-way.", ["route"], registry=r
         )

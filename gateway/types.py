@@ -26,6 +26,9 @@ class RoutingRequest:
     stream: bool = False
     # Engines already tried for this request (retries exclude them).
     excluded: set[EngineId] = field(default_factory=set)
+    # The one engine that can serve it (Responses API: the engine that stored the
+    # `previous_response_id`); the router offers only it while it is a candidate.
+    pinned_engine: EngineId | None = None
     # Filled by the prefix service before routing (None: no routable prompt).
     num_prompt_tokens: int | None = None
     token_ids: list[int] = field(default_factory=list)

@@ -39,6 +39,8 @@ def engine_fleet(tiny_model_dir: Path) -> Iterator[EngineFleet]:
         max_model_len=MAX_MODEL_LEN,
         # A small KV cache (10,240 tokens) so tests can fill it: eviction, capacity spreading.
         num_gpu_blocks_override=KV_BLOCKS_PER_ENGINE,
+        # Engines keep Responses API responses (previous_response_id, GET /v1/responses/{id}).
+        extra_env={"VLLM_ENABLE_RESPONSES_API_STORE": "1"},
     )
     # An embeddings engine (same weights, pooling runner) proves /v1/embeddings routing.
     specs.append(

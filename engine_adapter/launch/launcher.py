@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,6 +282,7 @@ def local_specs(
     extra_args: Sequence[str] = (),
     num_gpu_blocks_override: int | None = None,
     kv_transfer_base_port: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> list[EngineSpec]:
     """Specs for `count` engines on consecutive ports, each pinned to its own core."""
     num_cpus = os.cpu_count() or 1
@@ -300,6 +301,7 @@ def local_specs(
             num_gpu_blocks_override=num_gpu_blocks_override,
             kv_transfer_port=None if kv_transfer_base_port is None else kv_transfer_base_port + i,
             extra_args=tuple(extra_args),
+            extra_env=tuple((extra_env or {}).items()),
         )
         for i in range(count)
     ]

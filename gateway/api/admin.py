@@ -46,11 +46,15 @@ def build_admin_router() -> APIRouter:
 
     @router.get("/health")
     async def health(request: Request) -> JSONResponse:
+        """ok; degraded (serving, but prefix routing is not fully working: `problems` says
+        why); unavailable (no engine to serve, 503)."""
         registry: EndpointRegistry = request.app.state.registry
         now = time.monotonic()
         available = sum(1 for e in registry.endpoints if e.available(now))
-        status = "ok" if available else "unavailable"
-        body = {"status": status, "engines_available": available, "engines_total": len(registry.endpoints)}
+        problems: list[str] = request.app.state.routing_problems()
+        status = "unavailable" if not available else ("degraded" if problems else "ok")
+        body = {"status": status, "engines_available": available, "engines_total": len(registry.endpoints),
+                "problems": problems}  # fmt: skip
         return JSONResponse(body, status_code=200 if available else 503)
 
     @router.get("/metrics")

@@ -29,9 +29,10 @@ def build_debug_router() -> APIRouter:
         routing_request = routing_request_from(request, data, api_path)
         started = time.perf_counter()
         prefix: PrefixService | None = request.app.state.prefix
+        router_: Router = request.app.state.router
+        router_.candidates(routing_request)  # unknown model: 404 before tokenizing
         if prefix is not None:
             await prefix.annotate(routing_request)
-        router_: Router = request.app.state.router
         decision = router_.evaluate(routing_request)
         # Seconds to first token per engine, recomputing or after a KV transfer, as kv_aware
         # weighs them (shown whatever the policy).

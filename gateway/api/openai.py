@@ -1,4 +1,6 @@
-"""The OpenAI-compatible front: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+"""The OpenAI-compatible front: /v1/chat/completions, /v1/completions, /v1/embeddings,
+/v1/responses (with GET /v1/responses/{id} and its cancel), /v1/models, and the engines' other
+model-scoped APIs passed through (gateway.proxy.paths.PASSTHROUGH_PATHS)."""
 
 from __future__ import annotations
 
@@ -6,15 +8,20 @@ import json
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.endpoints.registry import EndpointRegistry
 from gateway.errors import BadRequest, PayloadTooLarge
 from gateway.proxy.dispatcher import Dispatcher
+from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSE_CANCEL_ROUTE, RESPONSE_ROUTE, RESPONSES_PATH
 from gateway.types import RoutingRequest
 
-PROXIED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+PROXIED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", RESPONSES_PATH)
+# Routes whose body may leave out `model`, as vLLM allows: the fleet's only model is meant.
+MODEL_OPTIONAL_ROUTES = frozenset({RESPONSES_PATH, *PASSTHROUGH_PATHS})
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -32,7 +39,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes, *, require_model: bool = True) -> dict[str, Any]:
     if not body:
         raise BadRequest("Request body is empty; expected a JSON object.")
     try:
@@ -42,9 +49,19 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("Request body must be a JSON object.")
     model = data.get("model")
-    if not isinstance(model, str) or not model:
+    if (require_model or model is not None) and (not isinstance(model, str) or not model):
         raise BadRequest("Missing required parameter: 'model'.", param="model")
     return data
+
+
+def implied_model(registry: EndpointRegistry) -> str:
+    """The model a body without one means: the only model the engines serve, or 400."""
+    models = registry.known_models()
+    if len(models) == 1:
+        return next(iter(models))
+    raise BadRequest(
+        f"Missing required parameter: 'model' (the engines serve {len(models)} models).", param="model"
+    )
 
 
 def request_id_for(request: Request) -> str:
@@ -55,9 +72,11 @@ def request_id_for(request: Request) -> str:
     return f"gw-{uuid.uuid4().hex}"
 
 
-def routing_request_from(request: Request, data: dict[str, Any], api_path: str) -> RoutingRequest:
+def routing_request_from(
+    request: Request, data: dict[str, Any], api_path: str, model: str | None = None
+) -> RoutingRequest:
     return RoutingRequest(
-        model=data["model"],
+        model=data["model"] if model is None else model,
         api_path=api_path,
         body=data,
         headers={k.lower(): v for k, v in request.headers.items()},
@@ -73,12 +92,35 @@ def build_openai_router() -> APIRouter:
         started_at = time.perf_counter()
         dispatcher: Dispatcher = request.app.state.dispatcher
         body = await read_body(request, request.app.state.config.proxy.max_body_bytes)
-        data = parse_json_object(body)
-        routing_request = routing_request_from(request, data, request.url.path)
+        api_path = request.url.path
+        data = parse_json_object(body, require_model=api_path not in MODEL_OPTIONAL_ROUTES)
+        model = data["model"] if data.get("model") is not None else implied_model(request.app.state.registry)
+        routing_request = routing_request_from(request, data, api_path, model)
         return await dispatcher.dispatch(routing_request, body, started_at)
 
-    for path in PROXIED_ROUTES:
+    for path in (*PROXIED_ROUTES, *PASSTHROUGH_PATHS):
         router.add_api_route(path, proxied, methods=["POST"])
+
+    async def stored_response(request: Request, response_id: str) -> Any:
+        """A stored Responses API response: to the engine that has it (Dispatcher.forward_stored)."""
+        started_at = time.perf_counter()
+        dispatcher: Dispatcher = request.app.state.dispatcher
+        route: str = request.scope["route"].path
+        path = route.replace("{response_id}", quote(response_id, safe=""))
+        if request.url.query:
+            path = f"{path}?{request.url.query}"
+        routing_request = RoutingRequest(
+            model="",
+            api_path=route,
+            body={},
+            headers={k.lower(): v for k, v in request.headers.items()},
+            request_id=request_id_for(request),
+            stream=request.query_params.get("stream", "").lower() == "true",
+        )
+        return await dispatcher.forward_stored(routing_request, request.method, path, response_id, started_at)
+
+    router.add_api_route(RESPONSE_ROUTE, stored_response, methods=["GET"])
+    router.add_api_route(RESPONSE_CANCEL_ROUTE, stored_response, methods=["POST"])
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:

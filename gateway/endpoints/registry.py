@@ -135,6 +135,12 @@ class EndpointRegistry:
         now = time.monotonic()
         return [e for e in self.endpoints if e.available(now)]
 
+    def reachable(self) -> Sequence[Endpoint]:
+        """Engines that can answer about work they already hold (a stored response):
+        healthy and not ejected. Draining ones too: a drain finishes what the engine has."""
+        now = time.monotonic()
+        return [e for e in self.endpoints if e.healthy and now >= e.ejected_until]
+
     def transfer_sources(self, model: str) -> Sequence[Endpoint]:
         """Engines that can hand over KV they hold for `model`. A draining engine can: it takes
         no new requests, but giving away its cache is how its prefixes survive the drain."""

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine_adapter.events.model import AllChunksCleared, ChunkRemoved, ChunkStored, EngineBlockHash, EventBatch
-from gateway.kvindex.base import ChunkIndex
+from gateway.kvindex.base import TIER_GPU, ChunkIndex
+from gateway.kvindex.layout import KVLayout
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.types import EngineId, RequestChunkKey
 
@@ -37,12 +38,12 @@ class IndexIngestor:
     def __init__(
         self,
         index: ChunkIndex,
-        block_size: int,
+        layout: KVLayout,
         model_of: Callable[[EngineId], str | None],
         on_reset: Callable[[EngineId, str], None] | None = None,
     ) -> None:
         self._index = index
-        self._block_size = block_size
+        self._layout = layout
         self._model_of = model_of
         self._on_reset = on_reset
         self._keys: dict[EngineId, dict[EngineBlockHash, RequestChunkKey]] = {}
@@ -71,11 +72,11 @@ class IndexIngestor:
         return len(self._keys.get(engine, {}))
 
     def _stored(self, engine: EngineId, event: ChunkStored) -> None:
-        if event.block_size != self._block_size:
-            self.stats.block_size_mismatches += 1
-            logger.error("engine %s uses block size %d, the index %d: set kv_index.block_size to match",
-                         engine, event.block_size, self._block_size)  # fmt: skip
-            return
+        if event.block_size != self._layout.block_size:
+            # The engine's own memory defines its block size (other tiers may chunk differently).
+            if event.medium != TIER_GPU or not self._layout.observe(engine, event.block_size):
+                self.stats.block_size_mismatches += 1
+                return
         mapping = self._keys.setdefault(engine, {})
         holding = self._tiers_holding.setdefault(engine, {})
         if event.parent_block_hash is None:
@@ -89,7 +90,7 @@ class IndexIngestor:
         if parent is None:
             self.stats.orphan_blocks += len(event.block_hashes)
             return
-        keys = chunk_keys(event.token_ids, self._block_size, parent)
+        keys = chunk_keys(event.token_ids, self._layout.block_size, parent)
         for engine_hash, key in zip(event.block_hashes, keys):
             mapping[engine_hash] = key
             holding[engine_hash] = holding.get(engine_hash, 0) + 1

@@ -3,44 +3,66 @@ speculative (or approximate) entries and working-set update for the chosen engin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.kvindex.base import TIER_APPROXIMATE, TIER_SPECULATIVE, ChunkIndex, PrefixMatch
+from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.tokenization.chunking import chain_root, chunk_keys
-from gateway.tokenization.tokenizer import PromptTokenizer
+from gateway.tokenization.tokenizer import PromptTokenizer, TokenizationFailed
 from gateway.types import EngineId, RoutingRequest
+
+logger = logging.getLogger(__name__)
+
+# A model whose prompts cannot be tokenized is logged at most this often (it is also counted).
+_FAILURE_LOG_INTERVAL_S = 60.0
+
+
+class TokenizerLookup(Protocol):
+    def for_model(self, model: str) -> PromptTokenizer: ...
 
 
 class PrefixService:
     def __init__(
         self,
         index: ChunkIndex,
-        tokenizers: Mapping[str, PromptTokenizer],
-        default_tokenizer: PromptTokenizer | None,
+        tokenizers: TokenizerLookup,
         registry: EndpointRegistry,
         working_sets: WorkingSetTracker,
+        layout: KVLayout,
         *,
-        block_size: int,
         speculative_ttl_s: float,
         approximate_ttl_s: float,
+        on_tokenize_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.index = index
-        self._tokenizers = dict(tokenizers)
-        self._default_tokenizer = default_tokenizer
+        self._tokenizers = tokenizers
         self._registry = registry
         self.working_sets = working_sets
-        self.block_size = block_size
+        self.layout = layout
         self._speculative_ttl_s = speculative_ttl_s
         self._approximate_ttl_s = approximate_ttl_s
+        self._on_tokenize_failure = on_tokenize_failure
+        self._failure_logged_at: dict[str, float] = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
 
     async def annotate(self, request: RoutingRequest) -> None:
         """Fill the request's token count, chunk keys and per-engine prefix matches."""
-        tokenizer = self._tokenizers.get(request.model, self._default_tokenizer)
-        if tokenizer is None:
+        if not self.layout.known:
             return
-        token_ids = await tokenizer.token_ids(request.api_path, request.body)
+        tokenizer = self._tokenizers.for_model(request.model)
+        try:
+            token_ids = await tokenizer.token_ids(request.model, request.api_path, request.body)
+        except TokenizationFailed as exc:
+            self._tokenize_failed(request.model, str(exc))
+            return
         if not token_ids:
             return
         request.num_prompt_tokens = len(token_ids)
@@ -50,6 +72,15 @@ class PrefixService:
         root = chain_root(base_model, lora_name, salt if isinstance(salt, str) else None)
         request.chunk_keys = chunk_keys(token_ids, self.block_size, root)
         request.prefix_matches = self.index.lookup(request.chunk_keys) if request.chunk_keys else {}
+
+    def _tokenize_failed(self, model: str, reason: str) -> None:
+        if self._on_tokenize_failure is not None:
+            self._on_tokenize_failure(model)
+        now = time.monotonic()
+        if now - self._failure_logged_at.get(model, -_FAILURE_LOG_INTERVAL_S) >= _FAILURE_LOG_INTERVAL_S:
+            self._failure_logged_at[model] = now
+            logger.warning("model %s: routing a request without prefix knowledge, its prompt could not be "
+                           "tokenized: %s", model, reason)  # fmt: skip
 
     def predicted_cached_tokens(self, request: RoutingRequest, engine: EngineId) -> int:
         """What the engine should report as cached: whole matched blocks, and never the

@@ -3,9 +3,11 @@ hand back a response that streams the engine's bytes to the client."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -13,12 +15,20 @@ import httpx
 from gateway.config import ProxyConfig
 from gateway.endpoints.outlier import OutlierDetector
 from gateway.endpoints.registry import Endpoint
-from gateway.errors import GatewayError, UpstreamConnectError
+from gateway.errors import (
+    EndpointNotServed,
+    GatewayError,
+    NoHealthyEndpoint,
+    ResponseNotFound,
+    UpstreamConnectError,
+)
 from gateway.kvindex.service import PrefixService
 from gateway.metrics import GatewayMetrics
+from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSES_PATH
+from gateway.proxy.response_affinity import ResponseAffinity
 from gateway.proxy.stream import Outcome, PassthroughResponse
 from gateway.proxy.transfer import CompletedTransfer, KVTransferRunner
-from gateway.proxy.upstream import open_stream, upstream_headers
+from gateway.proxy.upstream import open_stream, read_small, upstream_headers
 from gateway.proxy.usage import UsageTap, cached_tokens
 from gateway.routing.cost_model import CostModel
 from gateway.routing.router import RoutingDecision, Router
@@ -32,6 +42,8 @@ RETRYABLE_STATUSES = frozenset({502, 503})
 ENGINE_HEADER = "x-gateway-engine"
 PREDICTED_CACHED_HEADER = "x-gateway-predicted-cached-tokens"
 PROMPT_TOKENS_HEADER = "x-gateway-prompt-tokens"
+# What FastAPI (vLLM's server) answers for a path it has no route for.
+_NO_SUCH_ROUTE = {"detail": "Not Found"}
 
 
 @dataclass(slots=True)
@@ -58,6 +70,7 @@ class Dispatcher:
         prefix: PrefixService | None = None,
         cost_model: CostModel | None = None,
         transfers: KVTransferRunner | None = None,
+        responses: ResponseAffinity | None = None,
     ) -> None:
         self._router = router
         self._client = client
@@ -67,11 +80,21 @@ class Dispatcher:
         self._prefix = prefix
         self._cost_model = cost_model or CostModel()
         self._transfers = transfers
+        # Responses API: response id -> the engine that stored it.
+        self.responses = responses if responses is not None else ResponseAffinity()
 
     async def dispatch(self, request: RoutingRequest, body: bytes, started_at: float) -> PassthroughResponse:
         """Raises a GatewayError when no engine could answer; otherwise the response is the
         engine's own (4xx included), committed to that engine."""
-        if self._prefix is not None:
+        # An unknown model (404) or one no engine can take now (503) is answered before any
+        # tokenization: it must cost nothing and change nothing for the models that exist.
+        self._router.candidates(request)
+        if request.api_path == RESPONSES_PATH:
+            self._pin_to_previous_response(request)
+        # Pass-through APIs are routed by model and load only: their bodies are no prompt
+        # the gateway tokenizes. A pinned request has its engine already, and its prompt
+        # continues a conversation the engine stored, which the gateway never saw.
+        if self._prefix is not None and request.api_path not in PASSTHROUGH_PATHS and request.pinned_engine is None:
             await self._prefix.annotate(request)
         body, strip_usage = self._ask_for_usage(request, body)
         last_error: GatewayError | None = None
@@ -94,13 +117,21 @@ class Dispatcher:
             except UpstreamConnectError as exc:
                 self._release(attempt)
                 self._outlier.record_connect_failure(endpoint)
+                if self._pinned(request, endpoint):
+                    raise
                 last_error = exc
                 reason = "connect_error"
             except GatewayError:
                 self._release(attempt)
                 raise
             else:
-                if upstream.status_code not in RETRYABLE_STATUSES or attempt_no == self._config.max_retries:
+                if upstream.status_code == 404:
+                    upstream = await self._unless_api_missing(request, endpoint, attempt, upstream)
+                if (
+                    upstream.status_code not in RETRYABLE_STATUSES
+                    or attempt_no == self._config.max_retries
+                    or self._pinned(request, endpoint)
+                ):
                     return self._respond(request, decision, attempt, upstream, started_at, strip_usage)
                 await upstream.aclose()
                 self._release(attempt)
@@ -114,6 +145,104 @@ class Dispatcher:
         if last_error is not None:
             raise last_error
         raise UpstreamConnectError("every engine tried for this request failed")
+
+    async def _unless_api_missing(
+        self, request: RoutingRequest, endpoint: Endpoint, attempt: _Attempt, upstream: httpx.Response
+    ) -> httpx.Response:
+        """An engine's 404 as it is, unless it is its web framework's `{"detail": "Not Found"}`:
+        the engine has no such API (a pass-through API its model does not offer, say /classify
+        on an embedding model). That becomes the gateway's own OpenAI-shaped 404."""
+        try:
+            small = await read_small(upstream, endpoint)
+        except GatewayError:
+            self._release(attempt)
+            raise
+        if small is None:
+            return upstream
+        content, upstream = small
+        if upstream.headers.get("content-encoding", "identity") == "identity":
+            try:
+                missing = json.loads(content) == _NO_SUCH_ROUTE
+            except (ValueError, UnicodeDecodeError):
+                missing = False
+            if missing:
+                self._release(attempt)
+                raise EndpointNotServed(f"The engine serving model `{request.model}` has no {request.api_path} API.")
+        return upstream
+
+    async def forward_stored(
+        self, request: RoutingRequest, method: str, path: str, response_id: str, started_at: float
+    ) -> PassthroughResponse:
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel (`path` with its query):
+        to the engine that stored the response. `request.api_path` is the route template.
+
+        An id the gateway knows goes to its engine (a draining one too: it still holds the
+        response); when that engine is down or ejected → 503. An unknown id (the gateway
+        restarted, another replica saw it) is asked of every reachable engine in turn until
+        one does not answer 404: safe, as an engine without the id changes nothing and a
+        cancel only acts where the response is. None has it → the gateway's own 404
+        (`response_not_found`)."""
+        owner = self.responses.engine_for(response_id)
+        registry = self._router.registry
+        if owner is not None:
+            endpoint = registry.get(owner)
+            if endpoint is None or endpoint not in registry.reachable():
+                raise NoHealthyEndpoint(
+                    f"Engine {owner}, which stored response '{response_id}', is not available; retry later."
+                )
+            endpoints: Sequence[Endpoint] = [endpoint]
+        else:
+            endpoints = registry.reachable()
+            if not endpoints:
+                raise NoHealthyEndpoint("No engine is available; retry later.")
+        last_error: GatewayError | None = None
+        for endpoint in endpoints:
+            request.model = registry.model_of(endpoint.id) or ""
+            attempt = self._acquire(request, endpoint)
+            headers = upstream_headers(request.headers, endpoint, request.request_id)
+            try:
+                upstream = await open_stream(self._client, endpoint, path, headers, b"", method=method)
+            except UpstreamConnectError as exc:
+                self._release(attempt)
+                self._outlier.record_connect_failure(endpoint)
+                last_error = exc
+                continue
+            except GatewayError:
+                self._release(attempt)
+                raise
+            if upstream.status_code == 404 and owner is None:
+                await upstream.aclose()
+                self._release(attempt)
+                continue
+            if upstream.status_code == 200 and owner is None:
+                self.responses.remember(response_id, endpoint.id)
+            decision = RoutingDecision(endpoint, "response_affinity", {})
+            return self._respond(request, decision, attempt, upstream, started_at, False, observe=False)
+        if last_error is not None:
+            raise last_error
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
+
+    def _pin_to_previous_response(self, request: RoutingRequest) -> None:
+        """A request continuing a stored response goes to the engine that stored it, while
+        that engine is a candidate (Router.candidates); an id the gateway does not know (it
+        restarted, or another gateway replica saw the response) is routed normally."""
+        previous = request.body.get("previous_response_id")
+        engine = self.responses.engine_for(previous)
+        if engine is not None:
+            request.pinned_engine = engine
+        elif previous is not None:
+            logger.info("request %s: previous_response_id %r is unknown here, routing normally",
+                        request.request_id, previous)  # fmt: skip
+
+    @staticmethod
+    def _pinned(request: RoutingRequest, endpoint: Endpoint) -> bool:
+        """Whether `endpoint` is the only engine that can serve `request`. Then a failure
+        there is the answer: no retry elsewhere, as any other engine lacks the stored
+        response and would answer 404 for `previous_response_id`, hiding the real failure
+        (the engine down or overloaded) behind a wrong one. The client sees the engine's
+        502/503 or the gateway's 502 and can retry once the engine is back; a retry now on
+        the same engine would meet the same state (and a connect failure ejects it)."""
+        return request.pinned_engine is not None and request.pinned_engine == endpoint.id
 
     def _ask_for_usage(self, request: RoutingRequest, body: bytes) -> tuple[bytes, bool]:
         """Streams carry usage only on request. To check each prediction, ask for it and
@@ -135,14 +264,27 @@ class Dispatcher:
         upstream: httpx.Response,
         started_at: float,
         strip_usage: bool,
+        *,
+        observe: bool | None = None,
     ) -> PassthroughResponse:
+        """`observe`: check the prediction and feed the cost model from the engine's usage
+        (default: for the APIs the gateway routes by prefix, not for pass-through ones)."""
         endpoint = decision.endpoint
         route = request.api_path
+        if observe is None:
+            observe = route not in PASSTHROUGH_PATHS
         if self._prefix is not None and upstream.status_code == 200:
             self._prefix.record_routed(request, endpoint)
         first_byte_at: list[float] = []
         event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        tap = UsageTap(event_stream=event_stream, strip_usage_event=strip_usage and event_stream)
+        on_response_id: Callable[[str], None] | None = None
+        if route == RESPONSES_PATH and upstream.status_code == 200:
+            # Recorded as soon as it is seen (a stream's first event), so a background
+            # response can be retrieved or cancelled while it is still running.
+            on_response_id = functools.partial(self.responses.remember, engine=endpoint.id)
+        tap = UsageTap(
+            event_stream=event_stream, strip_usage_event=strip_usage and event_stream, on_response_id=on_response_id
+        )
 
         def on_first_byte() -> None:
             first_byte_at.append(time.perf_counter())
@@ -159,7 +301,7 @@ class Dispatcher:
             if outcome == "client_disconnected":
                 self._metrics.client_disconnects.labels(route).inc()
                 logger.info("request %s: client left before the end of the response", request.request_id)
-            if outcome == "complete" and upstream.status_code == 200:
+            if outcome == "complete" and upstream.status_code == 200 and observe:
                 ttft = (first_byte_at[0] if first_byte_at else time.perf_counter()) - started_at
                 self._check_prediction(request, attempt, tap, ttft)
 

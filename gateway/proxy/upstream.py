@@ -51,15 +51,43 @@ def response_headers(upstream: httpx.Headers) -> list[tuple[bytes, bytes]]:
     return [(k, v) for k, v in upstream.raw if k.decode("latin-1").lower() not in skip]
 
 
+async def read_small(
+    response: httpx.Response, endpoint: Endpoint, limit: int = 4096
+) -> tuple[bytes, httpx.Response] | None:
+    """When `response`'s body is small (a Content-Length up to `limit`), read it: returns the
+    bytes (raw, as the engine sent them) and an equivalent unread response over them, and
+    closes the original. Otherwise None, `response` untouched. A failed read: UpstreamError."""
+    length = response.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > limit:
+        return None
+    try:
+        content = b"".join([chunk async for chunk in response.aiter_raw()])
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"engine {endpoint.id} failed: {exc}") from exc
+    finally:
+        await response.aclose()
+    copy = httpx.Response(
+        response.status_code, headers=response.headers, stream=httpx.ByteStream(content), request=response.request
+    )
+    return content, copy
+
+
 async def open_stream(
-    client: httpx.AsyncClient, endpoint: Endpoint, path: str, headers: Mapping[str, str], body: bytes
+    client: httpx.AsyncClient,
+    endpoint: Endpoint,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    method: str = "POST",
 ) -> httpx.Response:
     """Send the request and return once the response headers arrived; the body is unread.
+    `path` may carry a query string.
 
     Raises UpstreamConnectError when nothing reached the engine (safe to retry elsewhere),
     UpstreamTimeout when the engine did not answer in time, UpstreamError otherwise.
     """
-    request = client.build_request("POST", f"{endpoint.url}{path}", headers=headers, content=body)
+    request = client.build_request(method, f"{endpoint.url}{path}", headers=headers, content=body)
     try:
         return await client.send(request, stream=True)
     except httpx.ConnectError as exc:

@@ -5,23 +5,43 @@ Event streams: only events that mention "usage" are parsed. When the gateway its
 the usage event (the client did not set `stream_options.include_usage`), that final event,
 which has an empty `choices` list, is removed from what the client receives, so the client
 sees exactly the stream it asked for.
+
+Responses API (`/v1/responses`): with `on_response_id`, the tap also reads the response id,
+from the JSON body's top-level `id` or from the first `response.*` event of a stream
+(`response.created`, whose `response` object carries the id and `usage: null`), and the
+usage from `response.completed`, in the chat shape (`input_tokens` → `prompt_tokens`,
+`input_tokens_details` → `prompt_tokens_details`) so predictions are checked the same way.
+Nothing more is buffered for it: the events read are the ones already scanned.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 _MAX_JSON_BODY = 4 * 1024 * 1024
+# A body past the cap is not parsed; vLLM writes the response's `id` first, so read it there.
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([^"\\]{1,256})"')
 
 
 class UsageTap:
-    def __init__(self, *, event_stream: bool, strip_usage_event: bool) -> None:
+    def __init__(
+        self,
+        *,
+        event_stream: bool,
+        strip_usage_event: bool,
+        on_response_id: Callable[[str], None] | None = None,
+    ) -> None:
         self._event_stream = event_stream
         self._strip = strip_usage_event
         self._pending = b""
         self._body = bytearray()
         self.usage: dict[str, Any] | None = None
+        # Responses API: called once, with the first response id seen.
+        self._on_response_id = on_response_id
+        self.response_id: str | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Returns the bytes to forward for this chunk (all of them unless stripping)."""
@@ -46,9 +66,13 @@ class UsageTap:
             try:
                 parsed = json.loads(bytes(self._body))
             except (ValueError, UnicodeDecodeError):
+                if self._on_response_id is not None and (found := _LEADING_ID.match(self._body)):
+                    self._found_response_id(found.group(1).decode("utf-8", "replace"))
                 return b""
             usage = parsed.get("usage") if isinstance(parsed, dict) else None
-            self.usage = usage if isinstance(usage, dict) else None
+            self.usage = _chat_shaped(usage) if isinstance(usage, dict) else None
+            if self._on_response_id is not None and isinstance(parsed, dict):
+                self._found_response_id(parsed.get("id"))
             return b""
         rest, self._pending = self._pending, b""
         if not self._strip:
@@ -73,19 +97,65 @@ class UsageTap:
         return payload is not None and not payload.get("choices")
 
     def _read_usage(self, event: bytes) -> dict[str, Any] | None:
-        if b'"usage"' not in event:
+        """The event's payload when it has a top-level `usage` (chat/completions); Responses
+        API events (`response.*`, the usage nested in `response`) are read, None returned."""
+        responses_event = self._on_response_id is not None and b'"response.' in event
+        if b'"usage"' not in event and not responses_event:
             return None
-        line = event.strip()
-        if not line.startswith(b"data:"):
+        data = _event_data(event)
+        if data is None:
             return None
         try:
-            payload = json.loads(line[5:])
+            payload = json.loads(data)
         except (ValueError, UnicodeDecodeError):
             return None
-        if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+        if not isinstance(payload, dict):
+            return None
+        if isinstance(payload.get("usage"), dict):
             self.usage = payload["usage"]
             return payload
+        if responses_event:
+            self._read_responses_event(payload)
         return None
+
+    def _read_responses_event(self, payload: dict[str, Any]) -> None:
+        kind = payload.get("type")
+        response = payload.get("response")
+        if not isinstance(kind, str) or not kind.startswith("response.") or not isinstance(response, dict):
+            return
+        self._found_response_id(response.get("id"))
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            self.usage = _chat_shaped(usage)
+
+    def _found_response_id(self, response_id: Any) -> None:
+        if self.response_id is not None or not isinstance(response_id, str) or not response_id:
+            return
+        self.response_id = response_id
+        if self._on_response_id is not None:
+            self._on_response_id(response_id)
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one server-sent event (its `data:` lines joined), None without any. vLLM's
+    Responses API events have an `event:` line before the data; chat events have none."""
+    lines = [line.strip() for line in event.strip().split(b"\n")]
+    data = [line[5:] for line in lines if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
+def _chat_shaped(usage: dict[str, Any]) -> dict[str, Any]:
+    """Responses API usage (`input_tokens`, `input_tokens_details`, `output_tokens`) in the
+    chat/completions shape the prediction check reads; chat usage is returned as it is."""
+    if "prompt_tokens" in usage or "input_tokens" not in usage:
+        return usage
+    shaped = dict(usage)
+    shaped["prompt_tokens"] = usage.get("input_tokens")
+    shaped["completion_tokens"] = usage.get("output_tokens")
+    details = usage.get("input_tokens_details")
+    if isinstance(details, dict):
+        shaped["prompt_tokens_details"] = details
+    return shaped
 
 
 def cached_tokens(usage: dict[str, Any] | None) -> int | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict
 
 from gateway.endpoints.registry import Endpoint
+from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.routing.cost_model import CostModel
 from gateway.routing.ttft import TTFTEstimator
@@ -29,6 +30,9 @@ class ScorerParams(BaseModel):
 
 class Scorer(Protocol):
     name: ClassVar[str]
+    # Reads the prompt's token ids, chunk keys or prefix matches: the gateway tokenizes and
+    # indexes only when some scorer of the policy does.
+    needs_prompt_tokens: ClassVar[bool]
 
     def score(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> Mapping[EngineId, float]:
         """Score each candidate in [0, 1] (higher is better). Engines left out score 0.
@@ -53,7 +57,8 @@ class ScorerContext:
     """What the gateway hands every scorer at construction (explicit dependencies)."""
 
     session_header: str = "x-session-id"
-    block_size: int = 32
+    # The engines' KV block size, shared with the index (known once an engine reports it).
+    layout: KVLayout = field(default_factory=lambda: KVLayout(32))
     working_sets: WorkingSetTracker = field(default_factory=WorkingSetTracker)
     cost_model: CostModel = field(default_factory=CostModel)
     # Estimates from `cost_model`, with KV-transfer options where the gateway enables them;
@@ -61,9 +66,13 @@ class ScorerContext:
     ttft_estimator: TTFTEstimator | None = None
 
     @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
     def ttft(self) -> TTFTEstimator:
         if self.ttft_estimator is None:
-            self.ttft_estimator = TTFTEstimator(self.cost_model, block_size=self.block_size)
+            self.ttft_estimator = TTFTEstimator(self.cost_model, layout=self.layout)
         return self.ttft_estimator
 
 
@@ -88,6 +97,7 @@ class BaseScorer:
     """Convenience base: no-op `on_routed`, params stored."""
 
     name: ClassVar[str]
+    needs_prompt_tokens: ClassVar[bool] = False
     Params: ClassVar[type[ScorerParams]] = ScorerParams
 
     def __init__(self, params: ScorerParams, context: ScorerContext) -> None:

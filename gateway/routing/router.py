@@ -37,8 +37,18 @@ class Router:
     def policy(self) -> str:
         return self._policy
 
+    @property
+    def registry(self) -> EndpointRegistry:
+        return self._registry
+
     def candidates(self, request: RoutingRequest) -> Sequence[Endpoint]:
         candidates = self._registry.candidates(request.model, request.excluded)
+        if request.pinned_engine is not None:
+            # Only that engine while it can take the request; otherwise (down, draining,
+            # ejected, already tried) the others, which then answer for themselves.
+            pinned = [e for e in candidates if e.id == request.pinned_engine]
+            if pinned:
+                return pinned
         if candidates:
             return candidates
         if request.model not in self._registry.known_models():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from gateway.config import KVTransferConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.kvindex.base import TIER_GPU
+from gateway.kvindex.layout import KVLayout
 from gateway.routing.cost_model import CostModel
 from gateway.routing.transfer_model import TransferCostModel
 from gateway.types import EngineId, RoutingRequest
@@ -54,16 +55,20 @@ class TTFTEstimator:
         self,
         cost_model: CostModel,
         *,
-        block_size: int,
+        layout: KVLayout,
         registry: EndpointRegistry | None = None,
         transfer_model: TransferCostModel | None = None,
         transfer_config: KVTransferConfig | None = None,
     ) -> None:
         self.cost_model = cost_model
         self.transfer_model = transfer_model or TransferCostModel()
-        self._block_size = block_size
+        self._layout = layout
         self._registry = registry
         self._transfer_config = transfer_config
+
+    @property
+    def _block_size(self) -> int:
+        return self._layout.block_size
 
     @property
     def transfer_enabled(self) -> bool:

@@ -1,11 +1,12 @@
-"""Prompt → token ids, exactly as the engine will compute them.
+"""Prompt → token ids, exactly as the engine will compute them, with the model's own files.
 
-`HFPromptTokenizer` loads the model's Hugging Face tokenizer and chat template locally and
-mirrors vLLM's preprocessing: chat requests are rendered with the template (tools, generation
-prompt, template kwargs) to text and encoded without adding special tokens (the template has
-them); completion prompts are encoded with special tokens. Long prompts are tokenized in a
-worker thread so the event loop keeps serving other requests (measured in
-bench/tokenize_latency.py). Integration tests prove equality with the engine's /render.
+`HFPromptTokenizer` loads the model's Hugging Face tokenizer and chat template (a local
+directory or a Hugging Face model id) and mirrors vLLM's preprocessing: chat requests are
+rendered with the template (tools, generation prompt, template kwargs) to text and encoded
+without adding special tokens (the template has them); completion prompts are encoded with
+special tokens. Long prompts are tokenized in a worker thread so the event loop keeps serving
+other requests (measured in bench/tokenize_latency.py). The gateway checks its output against
+the engines' own `/tokenize` before trusting it (gateway.tokenization.models).
 """
 
 from __future__ import annotations
@@ -16,91 +17,144 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.tokenization.pieces import PieceEncoder
+from gateway.tokenization.prompt import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    ChatPrompt,
+    Prompt,
+    TextPrompt,
+    TokenPrompt,
+    prompt_of,
+)
+
 logger = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
-COMPLETIONS_PATH = "/v1/completions"
+__all__ = ["CHAT_PATH", "COMPLETIONS_PATH", "HFPromptTokenizer", "PromptTokenizer", "TokenizationFailed"]
+
+
+class TokenizationFailed(Exception):
+    """A prompt the tokenizer could not turn into token ids (the message says why)."""
 
 
 class PromptTokenizer(Protocol):
-    async def token_ids(self, api_path: str, body: dict[str, Any]) -> list[int] | None:
-        """Token ids of the prompt, or None when this request has no routable prompt."""
+    async def token_ids(self, model: str, api_path: str, body: dict[str, Any]) -> list[int] | None:
+        """Token ids of the prompt; None when the request has no routable prompt.
+        Raises TokenizationFailed when it has one that could not be tokenized."""
         ...
 
 
 class HFPromptTokenizer:
     def __init__(
         self,
-        tokenizer_dir: str | Path,
+        source: str | Path,
         *,
+        local_files_only: bool = False,
         executor: Executor | None = None,
         offload_min_chars: int = 2048,
     ) -> None:
         from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.source = str(source)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.source, local_files_only=local_files_only)
         self._executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         self._offload_min_chars = offload_min_chars
+        # The Rust tokenizer called directly where it gives what transformers' wrapper gives
+        # (it costs a third to a half as much), and chats encoded from cached pieces where
+        # that is exact (gateway.tokenization.pieces).
+        self._backend = _same_as_wrapper(self._tokenizer)
+        self._pieces = PieceEncoder.for_tokenizer(self._tokenizer, self._probe_texts()) if self._backend else None
 
-    async def token_ids(self, api_path: str, body: dict[str, Any]) -> list[int] | None:
-        if _prompt_chars(body) < self._offload_min_chars:
-            return self.token_ids_sync(api_path, body)
+    def _probe_texts(self) -> list[str]:
+        texts = [_PROBE_TEXT]
+        try:
+            texts.append(self._render(_PROBE_CHAT))
+        except Exception:  # a template that needs more than plain messages: text probes only
+            pass
+        return texts
+
+    async def token_ids(self, model: str, api_path: str, body: dict[str, Any]) -> list[int] | None:
+        prompt = prompt_of(api_path, body)
+        if prompt is None:
+            return None
+        if _prompt_chars(prompt) < self._offload_min_chars:
+            return self.encode(prompt)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.token_ids_sync, api_path, body)
+        return await loop.run_in_executor(self._executor, self.encode, prompt)
 
     def token_ids_sync(self, api_path: str, body: dict[str, Any]) -> list[int] | None:
+        prompt = prompt_of(api_path, body)
+        return None if prompt is None else self.encode(prompt)
+
+    def encode(self, prompt: Prompt) -> list[int]:
         try:
-            if api_path == CHAT_PATH:
-                return self._chat(body)
-            if api_path == COMPLETIONS_PATH:
-                return self._completion(body.get("prompt"))
-        except Exception as exc:  # a prompt we cannot render: route without prefix knowledge
-            logger.debug("cannot tokenize request locally: %s", exc)
-        return None
+            if isinstance(prompt, ChatPrompt):
+                text = self._render(prompt)
+                if self._pieces is not None and not prompt.add_special_tokens:
+                    return self._pieces.encode(text)
+                return self._encode(text, prompt.add_special_tokens)
+            if isinstance(prompt, TextPrompt):
+                return self._encode(prompt.text, True)
+            return list(prompt.token_ids)
+        except Exception as exc:  # a prompt the template or tokenizer rejects
+            raise TokenizationFailed(f"{type(exc).__name__}: {exc}") from None
 
-    def _chat(self, body: dict[str, Any]) -> list[int] | None:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return None
-        kwargs = dict(body.get("chat_template_kwargs") or {})
-        continue_final = bool(body.get("continue_final_message", False))
+    def _render(self, prompt: ChatPrompt) -> str:
         text = self._tokenizer.apply_chat_template(
-            messages,
-            tools=body.get("tools"),
-            add_generation_prompt=bool(body.get("add_generation_prompt", True)) and not continue_final,
-            continue_final_message=continue_final,
+            prompt.messages,
+            tools=prompt.tools,
+            add_generation_prompt=prompt.add_generation_prompt,
+            continue_final_message=prompt.continue_final_message,
             tokenize=False,
-            **kwargs,
+            **prompt.chat_template_kwargs,
         )
-        add_special = bool(body.get("add_special_tokens", False))
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special))
+        return str(text)
 
-    def _completion(self, prompt: Any) -> list[int] | None:
-        # A batch routes as one request: its first prompt decides.
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return list(self._tokenizer.encode(prompt, add_special_tokens=True))
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        return None
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    @property
+    def piece_cache(self) -> PieceEncoder | None:
+        return self._pieces
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _prompt_chars(body: dict[str, Any]) -> int:
+_PROBE_TEXT = " Hello, world!\n\n\tTabs,  double  spaces, Ünïcödé 漢字 🚀 and 1234567 digits. "
+_PROBE_CHAT = ChatPrompt(messages=[
+    {"role": "system", "content": "You are terse." + _PROBE_TEXT * 2},
+    {"role": "user", "content": "  Why?\n"},
+    {"role": "assistant", "content": "Because.\n\n"},
+    {"role": "user", "content": _PROBE_TEXT},
+])  # fmt: skip
+
+
+def _same_as_wrapper(tokenizer: Any) -> Any:
+    """The tokenizer's Rust backend, if it encodes the probes as transformers' wrapper does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    for text in (_PROBE_TEXT, "x", " <|fake|> text\n"):
+        for special in (False, True):
+            if backend.encode(text, add_special_tokens=special).ids != tokenizer.encode(text, add_special_tokens=special):
+                return None
+    return backend
+
+
+def _prompt_chars(prompt: Prompt) -> int:
     """A cheap size estimate that decides inline vs worker-thread tokenization."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return len(prompt)
-    if isinstance(prompt, list):
-        return len(prompt) * 4  # token ids or several strings
+    if isinstance(prompt, TextPrompt):
+        return len(prompt.text)
+    if isinstance(prompt, TokenPrompt):
+        return 0
     total = 0
-    for message in body.get("messages") or []:
+    for message in prompt.messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return total

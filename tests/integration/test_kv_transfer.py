@@ -123,8 +123,11 @@ def test_prefix_moves_to_the_engine_that_serves_and_the_answer_is_a_recompute(
     assert recomputed["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert completion.choices[0].text == recomputed["choices"][0]["text"]
     assert completion.choices[0].logprobs.tokens == recomputed["choices"][0]["logprobs"]["tokens"]
+    # Logprobs agree up to float rounding: a prefill split across two engines sums in another
+    # order than one pass. Measured here, on a busy machine: differences of 0.0077 and 0.0078
+    # (of ~7.2) in two runs; KV that is wrong moves them by whole units.
     for ours, theirs in zip(completion.choices[0].logprobs.token_logprobs, recomputed["choices"][0]["logprobs"]["token_logprobs"], strict=True):
-        assert ours == pytest.approx(theirs, abs=1e-3)
+        assert ours == pytest.approx(theirs, abs=0.05)
     # The index learns the new holder from the target's own BlockStored events.
     wait_until(lambda: held_on_gpu(gateway, prefix, target) >= moved // BLOCK_SIZE, 10, "the target's KV events")
     explained = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": prefix + " again"},

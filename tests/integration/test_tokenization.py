@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway.endpoints.registry import Endpoint
-from gateway.tokenization.render import EngineRenderTokenizer
+from gateway.tokenization.engine import EngineTokenizer
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH, HFPromptTokenizer
 from gateway.types import EngineId
 from tests.conftest import MODEL_NAME
@@ -75,16 +75,29 @@ def test_completion_tokens_equal_the_engines(
     assert local.token_ids_sync(COMPLETIONS_PATH, {"model": MODEL_NAME, **body}) == expected
 
 
-def test_render_tokenizer_asks_the_engine(engine_configs: list[dict[str, Any]]) -> None:
+def test_engine_tokenizer_uses_render_where_served_and_tokenize_where_not(engine_configs: list[dict[str, Any]]) -> None:
+    """These engines serve /render (--enable-scale-out); a stock engine refuses it with 403, and
+    then /tokenize, which every vLLM server serves, must give the same ids."""
     endpoint = Endpoint(id=EngineId("e"), url=engine_configs[0]["url"])
+    chat = {"model": MODEL_NAME, **CHATS[2], "stream": True}
+    completion = {"model": MODEL_NAME, "prompt": COMPLETIONS[2]}
+    asked: list[str] = []
 
-    async def run() -> tuple[list[int] | None, list[int] | None]:
+    async def refuse_render(request: httpx.Request) -> None:
+        asked.append(request.url.path)
+
+    async def run() -> list[list[int] | None]:
+        results = []
         async with httpx.AsyncClient() as client:
-            tokenizer = EngineRenderTokenizer(client, lambda: endpoint)
-            chat = await tokenizer.token_ids(CHAT_PATH, {"model": MODEL_NAME, **CHATS[1], "stream": True})
-            completion = await tokenizer.token_ids(COMPLETIONS_PATH, {"model": MODEL_NAME, "prompt": "hello"})
-            return chat, completion
+            results.append(await EngineTokenizer(client, lambda model: endpoint).token_ids(MODEL_NAME, CHAT_PATH, chat))
+        async with httpx.AsyncClient(event_hooks={"request": [refuse_render]}) as client:
+            stock = EngineTokenizer(client, lambda model: endpoint)
+            stock._renders[endpoint.id] = False  # as after a 403 from a stock engine
+            results.append(await stock.token_ids(MODEL_NAME, CHAT_PATH, chat))
+            results.append(await stock.token_ids(MODEL_NAME, COMPLETIONS_PATH, completion))
+        return results
 
-    chat, completion = asyncio.run(run())
-    assert chat == render(engine_configs[0]["url"], CHAT_PATH, CHATS[1])
-    assert completion == render(engine_configs[0]["url"], COMPLETIONS_PATH, {"prompt": "hello"})
+    by_render, by_tokenize, completion_ids = asyncio.run(run())
+    assert by_render == by_tokenize == render(engine_configs[0]["url"], CHAT_PATH, CHATS[2])
+    assert completion_ids == render(engine_configs[0]["url"], COMPLETIONS_PATH, {"prompt": COMPLETIONS[2]})
+    assert asked == ["/tokenize", "/tokenize"]

@@ -38,7 +38,15 @@ def test_compose_gateway_config_points_at_the_services() -> None:
     assert [e.url for e in config.engines] == ["http://engine-0:8000", "http://engine-1:8000"]
     assert [e.kv_events_endpoint for e in config.engines] == ["tcp://engine-0:5557", "tcp://engine-1:5557"]
     assert all(e.kv_transfer for e in config.engines) and config.kv_transfer.enabled
-    assert config.routing.policy == "kv_aware" and config.kv_index.block_size == 16
+    # The block size and the tokenizer come from the engines: nothing to keep in step by hand.
+    assert config.routing.policy == "kv_aware" and config.kv_index.block_size is None
+    assert config.models == []
+
+
+def test_compose_gateway_reads_the_engines_tokenizer_files_offline() -> None:
+    gateway = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]
+    assert any(v.endswith(":/root/.cache/huggingface:ro") for v in gateway["volumes"])
+    assert gateway["environment"]["HF_HUB_OFFLINE"] == "1"
 
 
 def test_readme_gives_the_two_commands() -> None:

@@ -14,7 +14,11 @@ ENGINE = {"name": "e0", "url": "http://127.0.0.1:8100"}
 def test_minimal_config_gets_defaults() -> None:
     config = parse_config({"engines": [ENGINE]})
     assert config.server.port == 8000
-    assert config.routing.policy == "least_loaded"
+    # The product's point: with no routing section, routing is prefix-aware, and the block
+    # size is read from the engines rather than guessed.
+    assert config.routing.policy == "prefix"
+    assert config.kv_index.block_size is None
+    assert config.models == []
     assert config.proxy.max_retries == 2
 
 

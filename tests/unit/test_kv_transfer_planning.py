@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine_adapter.metrics import EngineStats
+from gateway.kvindex.layout import KVLayout
 from gateway.config import KVTransferConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.kvindex.base import TIER_GPU, TIER_SPECULATIVE, PrefixMatch
@@ -35,7 +36,7 @@ def gpu(chunks: int) -> PrefixMatch:
 
 
 def estimator(*engines: Endpoint, **config: object) -> TTFTEstimator:
-    return TTFTEstimator(CostModel(), block_size=BLOCK, registry=EndpointRegistry(list(engines)),
+    return TTFTEstimator(CostModel(), layout=KVLayout(BLOCK), registry=EndpointRegistry(list(engines)),
                          transfer_config=KVTransferConfig(**config))  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -58,7 +59,7 @@ def test_a_draining_holder_gives_its_cache_to_the_engine_that_serves() -> None:
     req = request(8192, {"a": gpu(250)})
     option = est.estimate(req, target).transfer
     assert option is not None and option.source == "a"
-    scorer = KVAwareScorer(ScorerParams(), ScorerContext(block_size=BLOCK, ttft_estimator=est))
+    scorer = KVAwareScorer(ScorerParams(), ScorerContext(layout=KVLayout(BLOCK), ttft_estimator=est))
     assert est.estimate(req, target).transfers and scorer.score(req, [target]) == {"b": 1.0}
 
 
@@ -75,7 +76,7 @@ def test_waiting_for_a_lightly_loaded_holder_beats_moving_its_cache() -> None:
     holder, target = engine("a", in_flight=2), engine("b")
     est = estimator(holder, target)
     req = request(8192, {"a": gpu(250)})
-    scores = KVAwareScorer(ScorerParams(), ScorerContext(block_size=BLOCK, ttft_estimator=est)).score(req, [holder, target])
+    scores = KVAwareScorer(ScorerParams(), ScorerContext(layout=KVLayout(BLOCK), ttft_estimator=est)).score(req, [holder, target])
     assert scores["a"] == 1.0 and scores["b"] < 1.0
 
 

@@ -7,6 +7,7 @@ import msgpack
 
 from engine_adapter.events.decoder import decode_batch
 from engine_adapter.events.model import AllChunksCleared, ChunkRemoved, ChunkStored, EventBatch
+from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.base import TIER_CPU, TIER_GPU
 from gateway.kvindex.ingest import IndexIngestor
 from gateway.kvindex.memory import InMemoryIndex
@@ -22,7 +23,7 @@ PROMPT = list(range(1000, 1000 + 6 * BLOCK + 2))  # 6 full chunks and a partial 
 def setup(on_reset: list[tuple[str, str]] | None = None) -> tuple[InMemoryIndex, IndexIngestor]:
     index = InMemoryIndex()
     callback = None if on_reset is None else (lambda engine, reason: on_reset.append((engine, reason)))
-    return index, IndexIngestor(index, BLOCK, MODELS.get, on_reset=callback)
+    return index, IndexIngestor(index, KVLayout(BLOCK), MODELS.get, on_reset=callback)
 
 
 def stored(hashes: list[object], parent: object, tokens: list[int], medium: str = TIER_GPU, *,
@@ -106,7 +107,7 @@ def test_lora_and_salt_roots_match_request_side() -> None:
 
 def test_engines_serving_other_models_use_their_root() -> None:
     index = InMemoryIndex()
-    ingestor = IndexIngestor(index, BLOCK, {"a": "model-x", "b": "model-y"}.get)
+    ingestor = IndexIngestor(index, KVLayout(BLOCK), {"a": "model-x", "b": "model-y"}.get)
     tokens = PROMPT[:BLOCK]
     ingestor.apply("a", batch(stored([1], None, tokens)))
     ingestor.apply("b", batch(stored([1], None, tokens)))  # same engine hash, other engine
@@ -170,7 +171,7 @@ def test_orphan_blocks_are_counted_not_indexed() -> None:
 
 def test_root_block_of_engine_with_unknown_model_is_orphan() -> None:
     index = InMemoryIndex()
-    ingestor = IndexIngestor(index, BLOCK, lambda engine: None)
+    ingestor = IndexIngestor(index, KVLayout(BLOCK), lambda engine: None)
     ingestor.apply("a", batch(stored([1, 2], None, PROMPT[: 2 * BLOCK])))
     assert ingestor.stats.orphan_blocks == 2
     assert len(index) == 0

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.kvindex.layout import KVLayout
 from gateway.endpoints.registry import Endpoint
 from gateway.kvindex.base import TIER_CPU, TIER_GPU, TIER_SPECULATIVE, TIER_STORAGE, PrefixMatch
 from gateway.kvindex.working_set import WorkingSetTracker
@@ -34,7 +35,7 @@ def gpu(chunks: int) -> PrefixMatch:
 
 
 def prefix_scorer(**params: object) -> PrefixScorer:
-    return PrefixScorer(PrefixParams(**params), ScorerContext(block_size=BLOCK))  # type: ignore[arg-type]
+    return PrefixScorer(PrefixParams(**params), ScorerContext(layout=KVLayout(BLOCK)))  # type: ignore[arg-type]
 
 
 def test_scorers_are_registered_under_their_yaml_names() -> None:
@@ -150,7 +151,7 @@ class FakeClock:
 
 
 def capacity_scorer(working_sets: WorkingSetTracker, **params: object) -> CapacityScorer:
-    return CapacityScorer(CapacityParams(**params), ScorerContext(block_size=BLOCK, working_sets=working_sets))  # type: ignore[arg-type]
+    return CapacityScorer(CapacityParams(**params), ScorerContext(layout=KVLayout(BLOCK), working_sets=working_sets))  # type: ignore[arg-type]
 
 
 def keys(start: int, count: int) -> list[RequestChunkKey]:
@@ -220,7 +221,7 @@ def test_capacity_counts_expired_working_set_keys_as_new() -> None:
 
 
 def kv_scorer(cost_model: CostModel | None = None) -> KVAwareScorer:
-    return KVAwareScorer(ScorerParams(), ScorerContext(block_size=BLOCK, cost_model=cost_model or CostModel()))
+    return KVAwareScorer(ScorerParams(), ScorerContext(layout=KVLayout(BLOCK), cost_model=cost_model or CostModel()))
 
 
 def test_kv_aware_prefers_engine_holding_prefix() -> None:

@@ -25,6 +25,7 @@ class CapacityScorer(BaseScorer):
     should go where they fit. Engines of unknown capacity score 0.5 (no opinion).
     """
 
+    needs_prompt_tokens = True
     Params = CapacityParams
     params: CapacityParams
 

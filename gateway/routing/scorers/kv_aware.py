@@ -18,6 +18,8 @@ class KVAwareScorer(BaseScorer):
     The requests on an engine are its live load (our in-flight count plus others' work at the
     last scrape), not the scraped running count alone: a burst changes it between scrapes."""
 
+    needs_prompt_tokens = True
+
     def estimates(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> dict[EngineId, TTFTEstimate]:
         estimator = self.context.ttft
         return {e.id: estimator.estimate(request, e) for e in endpoints}

@@ -29,6 +29,7 @@ class PrefixParams(ScorerParams):
 class PrefixScorer(BaseScorer):
     """Fraction of the prompt's tokens cached on each engine (tier-weighted), 0..1."""
 
+    needs_prompt_tokens = True
     Params = PrefixParams
     params: PrefixParams
 

@@ -1,0 +1,101 @@
+"""Encode rendered prompts from cached pieces, exactly.
+
+A chat template puts special tokens between messages (`<|start_header_id|>`, `<|eot_id|>`,
+`<|im_start|>`, ...), and a Hugging Face tokenizer splits its input on added tokens before
+anything else: the text between two special tokens is normalized, pre-tokenized and
+BPE-encoded on its own. So the token ids of a rendered chat are the concatenation, piece by
+piece, of the ids of each special token and of each text between them, and the pieces a
+conversation repeats (the system prompt, the tools, every earlier turn) need encoding once.
+
+That equality has conditions: no special token strips the whitespace around it (`lstrip`,
+`rstrip`, `single_word`) or is matched after normalization, and the tokenizer treats every
+piece as it treats the whole (a SentencePiece "prepend ▁ to the first piece only" does not).
+`PieceEncoder.for_tokenizer` checks the flags and compares both encodings on probe texts; where
+either fails it returns None and the caller encodes whole prompts.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+# Pieces shorter than this are encoded every time: caching them costs more than it saves.
+MIN_CACHED_CHARS = 64
+
+
+class PieceEncoder:
+    def __init__(self, backend: Any, specials: dict[str, int], *, max_cached_tokens: int = 4_000_000) -> None:
+        self._backend = backend  # a `tokenizers.Tokenizer`
+        self._specials = specials
+        # Longest first, so a special token that contains another one wins.
+        names = sorted(specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")").split
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._cached_tokens = 0
+        self._max_cached_tokens = max_cached_tokens
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def for_tokenizer(cls, hf_tokenizer: Any, probes: Iterable[str], **kwargs: Any) -> PieceEncoder | None:
+        """An encoder for this tokenizer, or None where piecewise encoding is not exact."""
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer: no pieces, no Rust backend
+            return None
+        specials: dict[str, int] = {}
+        for token_id, token in backend.get_added_tokens_decoder().items():
+            if not token.special:
+                continue
+            if token.lstrip or token.rstrip or token.single_word or token.normalized:
+                return None
+            specials[token.content] = token_id
+        if not specials:
+            return None
+        encoder = cls(backend, specials, **kwargs)
+        for text in probes:
+            if encoder.encode(text) != backend.encode(text, add_special_tokens=False).ids:
+                return None
+        encoder._cache.clear()
+        encoder._cached_tokens = encoder.hits = encoder.misses = 0
+        return encoder
+
+    def encode(self, text: str) -> list[int]:
+        """The ids `backend.encode(text, add_special_tokens=False)` gives."""
+        ids: list[int] = []
+        specials = self._specials
+        for piece in self._split(text):
+            if not piece:
+                continue
+            special = specials.get(piece)
+            if special is not None:
+                ids.append(special)
+            elif len(piece) < MIN_CACHED_CHARS:
+                ids.extend(self._backend.encode(piece, add_special_tokens=False).ids)
+            else:
+                ids.extend(self._cached(piece))
+        return ids
+
+    def _cached(self, piece: str) -> array[int]:
+        # Long prompts are encoded in worker threads too: the cache is shared under a lock,
+        # the encoding itself (which releases the GIL) runs outside it.
+        with self._lock:
+            found = self._cache.get(piece)
+            if found is not None:
+                self._cache.move_to_end(piece)
+                self.hits += 1
+                return found
+            self.misses += 1
+        encoded = array("I", self._backend.encode(piece, add_special_tokens=False).ids)
+        with self._lock:
+            if piece not in self._cache:
+                self._cache[piece] = encoded
+                self._cached_tokens += len(encoded)
+            while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_tokens -= len(evicted)
+        return encoded
