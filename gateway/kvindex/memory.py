@@ -1,145 +1,239 @@
 """In-memory chunk index for one gateway process, bounded in memory.
 
-Layout: key → {engine → tier bitmask}, an LRU over keys (a lookup refreshes the keys it
-matched). When the number of keys exceeds `capacity_chunks`, the least recently used key is
-dropped for all engines. Entries written with a TTL (speculative, approximate) expire through
-a heap; an entry re-written before expiry gets the later deadline.
+Layout: key → one integer, a bitset of (tier, engine) pairs. Each engine has a slot s; tier
+slice t holds bit `t·W + s` (W slots per slice, doubled when the fleet outgrows it). Slice 0
+is the union of the tiers ("holds the chunk in any tier"), so a lookup needs no per-engine
+work at all while the set of holders does not change:
+
+    runs[i] = entry[key_0] & entry[key_1] & … & entry[key_i]
+
+computed by C loops (`map`, `itertools.accumulate`), then only the positions where `runs`
+changes are decoded into engines and tiers. One dictionary step and one AND per block,
+whatever the fleet size.
+
+An LRU over keys (a lookup refreshes the keys it matched) bounds the memory: beyond
+`capacity_chunks` keys, the least recently used key is dropped for all engines. Entries
+written with a TTL (speculative, approximate) expire through a heap; an entry re-written
+before expiry gets the later deadline.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
+import operator
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from gateway.kvindex.base import TIER_APPROXIMATE, TIER_CPU, TIER_GPU, TIER_SPECULATIVE, TIER_STORAGE, PrefixMatch
 from gateway.types import EngineId, RequestChunkKey
 
 _KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE)
+_ANY = 0  # slice of the union of all tiers
 
 
 class InMemoryIndex:
     def __init__(self, capacity_chunks: int = 1_000_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._capacity = capacity_chunks
         self._clock = clock
-        self._entries: OrderedDict[RequestChunkKey, dict[EngineId, int]] = OrderedDict()
-        self._tier_bits: dict[str, int] = {t: 1 << i for i, t in enumerate(_KNOWN_TIERS)}
-        self._counts: dict[tuple[EngineId, int], int] = {}
-        self._deadlines: dict[tuple[RequestChunkKey, EngineId, int], float] = {}
-        self._expiry_heap: list[tuple[float, RequestChunkKey, EngineId, int]] = []
+        self._entries: OrderedDict[RequestChunkKey, int] = OrderedDict()
+        self._width = 64  # engine slots per slice
+        self._slots: dict[EngineId, int] = {}
+        self._engines: list[EngineId] = []
+        # tier name -> slice (1..); slice 0 is the union.
+        self._slices: dict[str, int] = {t: i + 1 for i, t in enumerate(_KNOWN_TIERS)}
+        self._tier_names: list[str] = ["", *_KNOWN_TIERS]
+        self._counts: dict[tuple[int, int], int] = {}  # (slot, slice) -> chunks held
+        self._deadlines: dict[tuple[RequestChunkKey, int, int], float] = {}  # (key, slot, slice)
+        self._expiry_heap: list[tuple[float, RequestChunkKey, int, int]] = []
 
-    def _bit(self, tier: str) -> int:
-        bit = self._tier_bits.get(tier)
-        if bit is None:  # a medium a future engine invents: give it its own bit
-            bit = self._tier_bits[tier] = 1 << len(self._tier_bits)
-        return bit
+    # -- layout ---------------------------------------------------------------------------
 
-    def _tiers(self, mask: int) -> list[str]:
-        return [t for t, b in self._tier_bits.items() if mask & b]
+    def _slot(self, engine: EngineId) -> int:
+        slot = self._slots.get(engine)
+        if slot is None:
+            slot = self._slots[engine] = len(self._engines)
+            self._engines.append(engine)
+            if slot >= self._width:
+                self._relayout(self._width * 2)
+        return slot
+
+    def _slice(self, tier: str) -> int:
+        index = self._slices.get(tier)
+        if index is None:  # a medium a future engine invents: give it its own slice
+            index = self._slices[tier] = len(self._tier_names)
+            self._tier_names.append(tier)
+        return index
+
+    def _relayout(self, width: int) -> None:
+        """More engines than slots: widen every slice (rare; O(keys))."""
+        old, num_slices = self._width, len(self._tier_names)
+        slot_mask = (1 << old) - 1
+
+        def widen(mask: int) -> int:
+            return sum(((mask >> (i * old)) & slot_mask) << (i * width) for i in range(num_slices))
+
+        for key, mask in self._entries.items():
+            self._entries[key] = widen(mask)
+        self._width = width
+
+    def _bit(self, slot: int, index: int) -> int:
+        return 1 << (index * self._width + slot)
+
+    def _engine_mask(self, slot: int) -> int:
+        """Every bit of one engine, all slices."""
+        return sum(1 << (i * self._width + slot) for i in range(len(self._tier_names)))
+
+    # -- queries --------------------------------------------------------------------------
 
     def lookup(
         self, keys: Sequence[RequestChunkKey], engines: Iterable[EngineId] | None = None
     ) -> dict[EngineId, PrefixMatch]:
         self._expire()
-        wanted = None if engines is None else set(engines)
+        entries = self._entries
+        found = list(map(entries.get, keys))
+        try:
+            num_held = found.index(None)  # nobody holds this key: no prefix goes past it
+        except ValueError:
+            num_held = len(found)
+        if num_held == 0:
+            return {}
+        del found[num_held:]
+        held = cast(list[int], found)
+        if engines is not None:
+            wanted = 0
+            for engine in engines:
+                slot = self._slots.get(engine)
+                if slot is not None:
+                    wanted |= self._engine_mask(slot)
+            held[0] &= wanted
+        runs = list(itertools.accumulate(held, operator.and_))
+        try:
+            depth = runs.index(0)  # the union slice is empty: every run has ended
+        except ValueError:
+            depth = num_held
+        if depth == 0:
+            return {}
+        deque(map(entries.move_to_end, keys[:depth]), maxlen=0)
         matches: dict[EngineId, PrefixMatch] = {}
-        # engine → tiers whose run from chunk 0 is still unbroken (may become 0 while the
-        # engine still holds the chunks in some other mix of tiers).
-        alive: dict[EngineId, int] | None = None
-        for depth, key in enumerate(keys):
-            holders = self._entries.get(key)
-            if not holders:
-                break
-            self._entries.move_to_end(key)
-            if alive is None:
-                alive = {e: m for e, m in holders.items() if wanted is None or e in wanted}
-            next_alive: dict[EngineId, int] = {}
-            for engine, tiers in alive.items():
-                held = holders.get(engine, 0)
-                if not held:
-                    continue
-                match = matches.get(engine)
-                if match is None:
-                    match = matches[engine] = PrefixMatch()
-                match.num_chunks = depth + 1
-                still = tiers & held
-                for tier in self._tiers(still):
-                    match.by_tier[tier] = depth + 1
-                next_alive[engine] = still
-            if not next_alive:
-                break
-            alive = next_alive
+        # Where a run shrinks, the bits it lost ended there; what is left at the end ran through.
+        changed = itertools.compress(range(1, depth), map(operator.ne, runs, itertools.islice(runs, 1, depth)))
+        for at in changed:
+            self._record(runs[at - 1] & ~runs[at], at, matches)
+        self._record(runs[depth - 1], depth, matches)
         return matches
 
-    def add(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str, ttl_s: float | None = None) -> None:
-        bit = self._bit(tier)
-        deadline = None if ttl_s is None else self._clock() + ttl_s
-        for key in keys:
-            holders = self._entries.get(key)
-            if holders is None:
-                holders = self._entries[key] = {}
+    def _record(self, bits: int, length: int, matches: dict[EngineId, PrefixMatch]) -> None:
+        width = self._width
+        while bits:
+            low = bits & -bits
+            index, slot = divmod(low.bit_length() - 1, width)
+            bits ^= low
+            engine = self._engines[slot]
+            match = matches.get(engine)
+            if match is None:
+                match = matches[engine] = PrefixMatch()
+            if index == _ANY:
+                match.num_chunks = length
             else:
-                self._entries.move_to_end(key)
-            mask = holders.get(engine, 0)
-            if not mask & bit:
-                holders[engine] = mask | bit
-                self._counts[(engine, bit)] = self._counts.get((engine, bit), 0) + 1
-            if deadline is not None:
-                self._deadlines[(key, engine, bit)] = deadline
-                heapq.heappush(self._expiry_heap, (deadline, key, engine, bit))
-            elif (key, engine, bit) in self._deadlines:
-                del self._deadlines[(key, engine, bit)]  # confirmed: no longer expires
-        while len(self._entries) > self._capacity:
-            key, holders = self._entries.popitem(last=False)
-            for holder, mask in holders.items():
-                self._uncount(holder, mask)
-
-    def evict(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str) -> None:
-        bit = self._bit(tier)
-        for key in keys:
-            self._remove(key, engine, bit)
-
-    def clear_engine(self, engine: EngineId) -> None:
-        for key in [k for k, holders in self._entries.items() if engine in holders]:
-            holders = self._entries[key]
-            self._uncount(engine, holders.pop(engine))
-            if not holders:
-                del self._entries[key]
-        self._deadlines = {k: v for k, v in self._deadlines.items() if k[1] != engine}
+                match.by_tier[self._tier_names[index]] = length
 
     def num_chunks(self, engine: EngineId, tier: str = TIER_GPU) -> int:
         self._expire()
-        return self._counts.get((engine, self._bit(tier)), 0)
+        slot = self._slots.get(engine)
+        return 0 if slot is None else self._counts.get((slot, self._slice(tier)), 0)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _remove(self, key: RequestChunkKey, engine: EngineId, bit: int) -> None:
-        holders = self._entries.get(key)
-        if holders is None:
-            return
-        mask = holders.get(engine, 0)
-        if not mask & bit:
-            return
-        self._uncount(engine, bit)
-        if mask == bit:
-            del holders[engine]
-            if not holders:
-                del self._entries[key]
-        else:
-            holders[engine] = mask & ~bit
+    # -- updates --------------------------------------------------------------------------
 
-    def _uncount(self, engine: EngineId, mask: int) -> None:
-        for bit in self._tier_bits.values():
-            if mask & bit:
-                self._counts[(engine, bit)] -= 1
+    def add(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str, ttl_s: float | None = None) -> None:
+        slot, index = self._slot(engine), self._slice(tier)
+        bit = self._bit(slot, index) | self._bit(slot, _ANY)
+        tier_bit = self._bit(slot, index)
+        deadline = None if ttl_s is None else self._clock() + ttl_s
+        entries = self._entries
+        added = 0
+        for key in keys:
+            mask = entries.get(key)
+            if mask is None:
+                entries[key] = bit
+                added += 1
+            else:
+                entries.move_to_end(key)
+                if not mask & tier_bit:
+                    entries[key] = mask | bit
+                    added += 1
+            if deadline is not None:
+                self._deadlines[(key, slot, index)] = deadline
+                heapq.heappush(self._expiry_heap, (deadline, key, slot, index))
+            elif self._deadlines and (key, slot, index) in self._deadlines:
+                del self._deadlines[(key, slot, index)]  # confirmed: no longer expires
+        if added:
+            self._counts[(slot, index)] = self._counts.get((slot, index), 0) + added
+        while len(entries) > self._capacity:
+            _, mask = entries.popitem(last=False)
+            self._uncount(mask)
+
+    def evict(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str) -> None:
+        slot = self._slots.get(engine)
+        if slot is None:
+            return
+        index = self._slice(tier)
+        for key in keys:
+            self._remove(key, slot, index)
+
+    def clear_engine(self, engine: EngineId) -> None:
+        slot = self._slots.get(engine)
+        if slot is None:
+            return
+        mine = self._engine_mask(slot)
+        keep = ~mine
+        for key in [k for k, mask in self._entries.items() if mask & mine]:
+            rest = self._entries[key] & keep
+            if rest:
+                self._entries[key] = rest
+            else:
+                del self._entries[key]
+        for count_key in [c for c in self._counts if c[0] == slot]:
+            del self._counts[count_key]
+        self._deadlines = {k: v for k, v in self._deadlines.items() if k[1] != slot}
+
+    def _remove(self, key: RequestChunkKey, slot: int, index: int) -> None:
+        mask = self._entries.get(key)
+        if mask is None:
+            return
+        tier_bit = self._bit(slot, index)
+        if not mask & tier_bit:
+            return
+        self._counts[(slot, index)] -= 1
+        mask &= ~tier_bit
+        if not mask & self._engine_mask(slot) & ~self._bit(slot, _ANY):
+            mask &= ~self._bit(slot, _ANY)  # no tier left for this engine
+        if mask:
+            self._entries[key] = mask
+        else:
+            del self._entries[key]
+
+    def _uncount(self, mask: int) -> None:
+        """A whole key dropped: every (engine, tier) it had loses one chunk."""
+        width = self._width
+        mask >>= width  # not the union slice
+        offset = width
+        while mask:
+            low = mask & -mask
+            index, slot = divmod(low.bit_length() - 1 + offset, width)
+            mask ^= low
+            self._counts[(slot, index)] -= 1
 
     def _expire(self) -> None:
         now = self._clock()
         heap = self._expiry_heap
         while heap and heap[0][0] <= now:
-            deadline, key, engine, bit = heapq.heappop(heap)
-            if self._deadlines.get((key, engine, bit)) == deadline:
-                del self._deadlines[(key, engine, bit)]
-                self._remove(key, engine, bit)
+            deadline, key, slot, index = heapq.heappop(heap)
+            if self._deadlines.get((key, slot, index)) == deadline:
+                del self._deadlines[(key, slot, index)]
+                self._remove(key, slot, index)

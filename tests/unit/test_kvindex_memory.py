@@ -288,3 +288,41 @@ def test_dropped_ttl_entry_can_be_readded(make: Callable[..., tuple[ChunkIndex, 
     clock.now += 10
     assert lengths(index.lookup(keys(1))) == {"a": 1}
     assert index.num_chunks(A, TIER_SPECULATIVE) == 1
+
+
+def test_matches_a_plain_reference_on_random_fleets_beyond_one_slice_of_slots() -> None:
+    """100 engines (more than the first 64 slots, so the layout widens mid-way), random adds,
+    evictions and lookups: every match equals the naive per-engine, per-tier walk."""
+    import random
+
+    from gateway.kvindex.memory import InMemoryIndex
+
+    rng = random.Random(3)
+    index = InMemoryIndex(capacity_chunks=10**6)
+    held: dict[tuple[str, int, str], bool] = {}
+    tiers = ["GPU", "CPU", "speculative"]
+    keys = [RequestChunkKey(k) for k in range(200)]
+    for step in range(3000):
+        engine = EngineId(f"e{rng.randrange(100)}")
+        tier = rng.choice(tiers)
+        start = rng.randrange(150)
+        span = keys[start : start + rng.randrange(1, 50)]
+        if rng.random() < 0.7:
+            index.add(engine, span, tier)
+            held.update({(engine, k, tier): True for k in span})
+        else:
+            index.evict(engine, span, tier)
+            for k in span:
+                held.pop((engine, k, tier), None)
+        if step % 100 == 0:
+            query = keys[rng.randrange(20) : rng.randrange(20, 200)]
+            expected: dict[str, tuple[int, dict[str, int]]] = {}
+            for e in {e for (e, _, _) in held}:
+                any_run = next((i for i, k in enumerate(query) if not any((e, k, t) in held for t in tiers)), len(query))
+                by_tier = {t: next((i for i, k in enumerate(query) if (e, k, t) not in held), len(query)) for t in tiers}
+                if any_run:
+                    expected[e] = (any_run, {t: n for t, n in by_tier.items() if n})
+            got = {e: (m.num_chunks, m.by_tier) for e, m in index.lookup(query).items()}
+            assert got == expected
+    for e in {e for (e, _, _) in held}:
+        assert index.num_chunks(EngineId(e), "GPU") == sum(1 for (x, _, t) in held if x == e and t == "GPU")

@@ -1,0 +1,117 @@
+"""Micro-benchmarks of the chunk index (gateway/kvindex/memory.py): event ingest, lookup,
+memory per (block, engine) entry. Pure Python in one process, no engines.
+
+    python -m bench.index [--quick]
+
+Targets (issue: "the gateway must never be the bottleneck"): ≥ 500k blocks/s ingest; ≤ 0.5 ms
+to look up a 32k-token prompt (block 16: 2,048 keys) on 256 engines that all hold its prefix;
+≤ 120 bytes per (block, engine) at 5M entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import time
+import tracemalloc
+
+from bench.common import markdown_table, write_report
+from gateway.kvindex.base import TIER_GPU
+from gateway.kvindex.memory import InMemoryIndex
+from gateway.types import EngineId, RequestChunkKey
+
+
+def keys(start: int, count: int) -> list[RequestChunkKey]:
+    rng = random.Random(start)
+    return [RequestChunkKey(rng.getrandbits(64)) for _ in range(count)]
+
+
+def ingest_rate(num_blocks: int, num_engines: int) -> float:
+    """Blocks/s through `add`, in batches of 16 as vLLM's BlockStored events carry them."""
+    index = InMemoryIndex(capacity_chunks=10 * num_blocks)
+    batches = [keys(i, 16) for i in range(num_blocks // 16)]
+    engines = [EngineId(f"e{i}") for i in range(num_engines)]
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        index.add(engines[i % num_engines], batch, TIER_GPU)
+    return len(batches) * 16 / (time.perf_counter() - start)
+
+
+def event_ingest_rate(num_blocks: int, num_engines: int) -> float:
+    """Blocks/s from decoded BlockStored events into the index, as the gateway runs it
+    (gateway.kvindex.ingest: gateway keys from tokens and parent, engine-hash mapping)."""
+    from engine_adapter.events.model import ChunkStored, EventBatch
+    from gateway.kvindex.ingest import IndexIngestor
+    from gateway.kvindex.layout import KVLayout
+
+    block = 16
+    index = InMemoryIndex(capacity_chunks=10 * num_blocks)
+    ingestor = IndexIngestor(index, KVLayout(block), lambda engine: "model")
+    rng = random.Random(5)
+    batches = []
+    for b in range(num_blocks // 16):
+        hashes = tuple(rng.getrandbits(63) for _ in range(16))
+        tokens = tuple(rng.randrange(32000) for _ in range(16 * block))
+        batches.append((f"e{b % num_engines}", EventBatch(b, 0.0, (ChunkStored(hashes, None, tokens, block, TIER_GPU),))))
+    start = time.perf_counter()
+    for engine, batch in batches:
+        ingestor.apply(engine, batch)
+    return len(batches) * 16 / (time.perf_counter() - start)
+
+
+def lookup_ms(num_keys: int, num_engines: int, repeats: int) -> float:
+    index = InMemoryIndex(capacity_chunks=10 * num_keys)
+    prompt = keys(1, num_keys)
+    for e in range(num_engines):
+        # Every engine holds a prefix of the prompt, of its own length: the runs end at
+        # different places, so the lookup has to tell them apart.
+        index.add(EngineId(f"e{e}"), prompt[: num_keys - e], TIER_GPU)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matches = index.lookup(prompt)
+        samples.append((time.perf_counter() - start) * 1000)
+    assert len(matches) == num_engines and matches[EngineId("e0")].num_chunks == num_keys
+    return statistics.median(samples)
+
+
+def bytes_per_entry(num_keys: int, engines_per_key: int) -> float:
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    index = InMemoryIndex(capacity_chunks=10 * num_keys)
+    all_keys = keys(7, num_keys)
+    for e in range(engines_per_key):
+        for i in range(0, num_keys, 16):
+            index.add(EngineId(f"e{e}"), all_keys[i : i + 16], TIER_GPU)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    # The keys themselves arrive with the events (the index keeps references to them).
+    return used / (num_keys * engines_per_key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    rows = [
+        ["index.add, 8 engines", f"{ingest_rate(1_000_000 // scale, 8):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        ["index.add, 256 engines", f"{ingest_rate(1_000_000 // scale, 256):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        ["event ingest (keys from tokens, block 16), 8 engines",
+         f"{event_ingest_rate(200_000 // scale, 8):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        ["lookup 32k tokens (2,048 keys), 8 engines", f"{lookup_ms(2048, 8, 50):.3f} ms", ""],
+        ["lookup 32k tokens (2,048 keys), 256 engines", f"{lookup_ms(2048, 256, 50):.3f} ms", "≤ 0.5 ms"],
+        ["memory, 5M keys × 1 engine", f"{bytes_per_entry(5_000_000 // scale, 1):.0f} B/entry", "≤ 120 B"],
+        ["memory, 20k keys × 256 engines (5M entries)", f"{bytes_per_entry(20_000 // scale, 256):.1f} B/entry",
+         "≤ 120 B"],
+    ]  # fmt: skip
+    table = markdown_table(["measure", "value", "target"], rows)
+    print(table)
+    print(f"\nreport: {write_report('index', 'Chunk index micro-benchmarks', table)}")
+
+
+if __name__ == "__main__":
+    main()
