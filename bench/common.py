@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ def gateway_process(config: dict[str, Any], startup_timeout_s: float = 60) -> It
 
     Its log goes to a file under .cache/bench-logs/: a pipe nobody reads fills up on a long
     run and then blocks the gateway in its next log call."""
+    with gateway_subprocess(config, startup_timeout_s) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def gateway_subprocess(
+    config: dict[str, Any], startup_timeout_s: float = 60, cpus: Collection[int] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`gateway_process` that also yields the process (for CPU accounting) and, with `cpus`,
+    pins it (and every process or thread it starts later) to those CPU cores."""
     port = free_port()
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
@@ -58,6 +68,8 @@ def gateway_process(config: dict[str, Any], startup_timeout_s: float = 60) -> It
         [sys.executable, "-m", "gateway", "--config", handle.name],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    if cpus is not None:
+        os.sched_setaffinity(proc.pid, set(cpus))  # inherited by the threads and workers it starts
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout_s
@@ -71,7 +83,7 @@ def gateway_process(config: dict[str, Any], startup_timeout_s: float = 60) -> It
                 err = log_path.read_text(errors="replace")
                 raise RuntimeError(f"gateway did not start (log {log_path}):\n{err[-2000:]}")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
