@@ -20,6 +20,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.endpoints.health import HealthChecker
 from gateway.endpoints.outlier import OutlierDetector
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.endpoints.shared import SharedFleetState
 from gateway.errors import GatewayError, error_body, error_response
 from gateway.kvindex.feeds import EventFeeds
 from gateway.kvindex.ingest import IndexIngestor
@@ -45,12 +46,21 @@ logger = logging.getLogger(__name__)
 TOKENIZER_CHECK_TIMEOUT_S = 20.0
 
 
-def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def build_app(
+    config: GatewayConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    shared: SharedFleetState | None = None,
+) -> FastAPI:
     """Build the gateway for `config.engines` (local engines must already be resolved).
 
-    `transport` replaces the network for every engine call (tests pass a MockTransport).
+    `transport` replaces the network for every engine call (tests pass a MockTransport);
+    `shared` is what this worker shares with the others (gateway.workers).
     """
     registry = EndpointRegistry.from_config(config.engines)
+    if shared is not None:
+        for row, endpoint in enumerate(registry.endpoints):
+            endpoint.shared, endpoint.shared_index = shared, row
     metrics = GatewayMetrics()
     kv = config.kv_index
     layout = KVLayout(kv.block_size)
@@ -129,7 +139,7 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
         transfers = None
         if plans_transfers and prefix is not None:
             transfers = KVTransferRunner(
-                NixlPullTransfer(upstream), estimator, registry, prefix, metrics, config.kv_transfer
+                NixlPullTransfer(control), estimator, registry, prefix, metrics, config.kv_transfer
             )
         app.state.transfers = transfers
         app.state.dispatcher = Dispatcher(
@@ -169,6 +179,7 @@ def build_app(config: GatewayConfig, *, transport: httpx.AsyncBaseTransport | No
             await checker.stop()
             await upstream.aclose()
             await control.aclose()
+            metrics.close()
 
     app = FastAPI(title="prefix-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config

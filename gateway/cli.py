@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -61,8 +62,6 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def serve(config: GatewayConfig) -> None:
-    from gateway.app import build_app
-
     fleet = None
     # Until uvicorn installs its own handlers, SIGTERM must unwind like Ctrl-C so the
     # engines started so far are stopped.
@@ -76,13 +75,15 @@ def serve(config: GatewayConfig) -> None:
                 # The gateway tokenizes locally with the very files the engines load.
                 updates["models"] = [*config.models, ModelConfig(name=name, tokenizer=config.local_engines.model_dir)]
             config = config.model_copy(update=updates)
-        app = build_app(config)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
-                           timeout_graceful_shutdown=10)
-        )  # fmt: skip
-        logger.info("gateway listening on http://%s:%d/v1", config.server.host, config.server.port)
-        server.run()
+        logger.info("gateway listening on http://%s:%d/v1 (%d worker%s)", config.server.host, config.server.port,
+                    config.server.workers, "s" if config.server.workers > 1 else "")  # fmt: skip
+        if config.server.workers > 1:
+            run_workers(config)
+        else:
+            from gateway.app import build_app
+
+            server = uvicorn.Server(uvicorn.Config(build_app(config), **_server_options(config)))
+            server.run()
     except KeyboardInterrupt:
         pass
     finally:
@@ -90,6 +91,20 @@ def serve(config: GatewayConfig) -> None:
         if fleet is not None:
             logger.info("stopping local engines")
             fleet.stop()  # type: ignore[attr-defined]
+
+
+def _server_options(config: GatewayConfig) -> dict[str, Any]:
+    return {"host": config.server.host, "port": config.server.port, "log_level": "info",
+            "access_log": config.server.access_log, "timeout_graceful_shutdown": 10}  # fmt: skip
+
+
+def run_workers(config: GatewayConfig) -> None:
+    """`server.workers` processes on one socket (gateway.workers), until Ctrl-C or SIGTERM."""
+    from gateway.workers import worker_environment
+
+    with worker_environment(config):
+        uvicorn.run("gateway.workers:create_app", factory=True, workers=config.server.workers,
+                    **_server_options(config))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

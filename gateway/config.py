@@ -28,6 +28,10 @@ class ServerConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     # Bearer token for admin endpoints (/admin/*, /debug/*). None disables them.
     admin_token: str | None = None
+    # One log line per request (uvicorn's access log): off by default, it costs on every request.
+    access_log: bool = False
+    # Worker processes serving the port, one per core to use (gateway.workers).
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class EngineConfig(_Strict):

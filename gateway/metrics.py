@@ -1,8 +1,15 @@
-"""The gateway's own Prometheus metrics, on a registry owned by the app (no global state)."""
+"""The gateway's own Prometheus metrics, on a registry owned by the app (no global state).
+
+With several worker processes (`server.workers`), prometheus_client's multiprocess mode keeps
+each worker's values in files under PROMETHEUS_MULTIPROC_DIR and `exposition()` adds them up;
+each gauge says how (`multiprocess_mode`: in-flight counts are summed over live workers, a
+readiness flag is the minimum, i.e. 1 only where every worker agrees)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -25,8 +32,10 @@ class GatewayMetrics:
             "(time to first token for streaming requests).",
             ["model", "route"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("gateway_engine_in_flight", "Requests in flight per engine.", ["engine"], registry=r)
-        self.engine_healthy = Gauge("gateway_engine_healthy", "1 if the engine is in rotation.", ["engine"], registry=r)
+        self.in_flight = Gauge("gateway_engine_in_flight", "Requests in flight per engine.", ["engine"], registry=r,
+                               multiprocess_mode="livesum")  # fmt: skip
+        self.engine_healthy = Gauge("gateway_engine_healthy", "1 if the engine is in rotation.", ["engine"], registry=r,
+                                    multiprocess_mode="livemin")  # fmt: skip
         self.routing_decisions = Counter(
             "gateway_routing_decisions", "Routing decisions by policy and chosen engine.",
             ["policy", "engine"], registry=r,
@@ -58,7 +67,7 @@ class GatewayMetrics:
             "gateway_tokenizer_ready",
             "1 if the gateway tokenizes this model's prompts as its engines do (checked against their "
             "/tokenize); 0 if it cannot, and then requests for it route without prefix knowledge.",
-            ["model"], registry=r,
+            ["model"], registry=r, multiprocess_mode="livemin",
         )  # fmt: skip
         self.tokenization_failures = Counter(
             "gateway_tokenization_failures", "Requests routed without prefix knowledge: their prompt could "
@@ -91,3 +100,16 @@ class GatewayMetrics:
             "alternative), transfer_estimated (the plan), observed (transfer start to first byte).",
             ["kind"], registry=r,
         )  # fmt: skip
+
+    def close(self) -> None:
+        """This process is ending: its live gauges leave the workers' sums."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+    def exposition(self) -> bytes:
+        """The text for GET /metrics: this process's metrics, or every worker's together."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+            return bytes(generate_latest(combined))
+        return bytes(generate_latest(self.registry))

@@ -6,12 +6,36 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NewType
 
 if TYPE_CHECKING:
-    from gateway.kvindex.base import PrefixMatch
+    from gateway.routing.ttft import TTFTEstimate
 
 EngineId = NewType("EngineId", str)
 # The gateway's own chained chunk keys (from token ids); never mixed with engine block
 # hashes, which arrive in KV events (engine_adapter.events.model.EngineBlockHash).
 RequestChunkKey = NewType("RequestChunkKey", int)
+
+# Tiers as vLLM names the medium of a block, plus two the gateway writes itself.
+TIER_GPU = "GPU"  # engine device memory (vLLM calls it GPU on the CPU backend too)
+TIER_CPU = "CPU"  # engine-side CPU offload
+TIER_STORAGE = "STORAGE"  # external store
+TIER_SPECULATIVE = "speculative"  # just routed there; the engine's events are on their way
+TIER_APPROXIMATE = "approximate"  # routed there, engine publishes no events (TTL-bounded guess)
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """Longest consecutive run of a request's chunks, from its first, that an engine holds."""
+
+    num_chunks: int = 0  # in any tier
+    by_tier: dict[str, int] = field(default_factory=dict)
+
+
+def cached_prefix_tokens(num_chunks: int, num_prompt_tokens: int, block_size: int) -> int:
+    """The prompt tokens an engine holding `num_chunks` leading chunks serves from its cache,
+    as vLLM counts them: whole blocks, and never the prompt's last token (it always computes
+    at least one)."""
+    if num_prompt_tokens <= 0 or block_size <= 0:
+        return 0
+    return min(num_chunks, (num_prompt_tokens - 1) // block_size) * block_size
 
 
 @dataclass(slots=True)
@@ -35,3 +59,6 @@ class RoutingRequest:
     chunk_keys: list[RequestChunkKey] = field(default_factory=list)
     # Per engine, the longest prefix of chunk_keys it holds (one index lookup per request).
     prefix_matches: dict[EngineId, PrefixMatch] = field(default_factory=dict)
+    # Per engine, the time to first token the kv_aware scorer estimated (and the way: recompute
+    # or a KV transfer); the transfer step executes what was estimated for the chosen engine.
+    ttft_estimates: dict[EngineId, TTFTEstimate] = field(default_factory=dict)

@@ -2,22 +2,60 @@
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+import yaml
 
 from gateway.app import build_app
 from gateway.config import GatewayConfig, parse_config
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A port to listen on, free now, never handed out before in this run, and outside the
+    kernel's ephemeral range: a port the OS picks (bind to 0) is also a candidate for the
+    source port of the next outgoing connection, which then takes it before the engine that
+    was given it binds it (seen here: an engine's KV-event socket failed with EADDRINUSE)."""
+    low = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(10_000, low) if low > 11_000 else _os_port()
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port found")
+
+
+def _os_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class GatewayServer:
@@ -50,16 +88,7 @@ class GatewayServer:
         self._thread.join(timeout=15)
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` whose labels include `labels`."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(f"{self.url}/metrics").text
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    total += sample.value
-        return total
+        return metric(self.url, name, **labels)
 
     def __enter__(self) -> GatewayServer:
         return self.start()
@@ -70,3 +99,84 @@ class GatewayServer:
 
 def gateway_config(engines: list[dict[str, Any]], **sections: Any) -> GatewayConfig:
     return parse_config({"engines": engines, **sections}, "test")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], term_wait_s: float = 20.0) -> None:
+    """SIGTERM the process's group and wait; then SIGKILL whatever of the group is left
+    (children that outlive their parent, as vLLM's engine core can)."""
+    for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`, from `url`/metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+class GatewayProcess:
+    """`python -m gateway --config FILE`, as users run it (several workers included)."""
+
+    def __init__(self, config: dict[str, Any], log_path: Path) -> None:
+        self.port = free_port()
+        self.config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": self.port}}
+        self._log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+        self._config_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric(self.url, name, **labels)
+
+    def start(self, timeout_s: float = 60.0) -> GatewayProcess:
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(handle, "w") as out:
+            yaml.safe_dump(self.config, out)
+        self._config_file = Path(name)
+        with open(self._log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "--config", name], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gateway did not start:\n{self._log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process_group(self._process)
+            self._process = None
+        if self._config_file is not None:
+            self._config_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.errors import ModelNotFound, Unauthorized
@@ -30,7 +30,7 @@ def endpoint_state(endpoint: Endpoint, now: float) -> dict[str, Any]:
         "url": endpoint.url,
         "available": endpoint.available(now),
         "healthy": endpoint.healthy,
-        "draining": endpoint.draining,
+        "draining": endpoint.is_draining,
         "kv_transfer": endpoint.kv_transfer,
         "ejected": endpoint.ejected_until > now,
         "models": sorted(endpoint.models),
@@ -59,7 +59,7 @@ def build_admin_router() -> APIRouter:
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/admin/engines")
     async def list_engines(request: Request) -> JSONResponse:
@@ -83,5 +83,5 @@ def _set_draining(request: Request, engine_id: str, draining: bool) -> JSONRespo
     endpoint = request.app.state.registry.get(engine_id)
     if endpoint is None:
         raise ModelNotFound(f"No engine named `{engine_id}`.", param="engine_id")
-    endpoint.draining = draining
+    endpoint.set_draining(draining)
     return JSONResponse(endpoint_state(endpoint, time.monotonic()))

@@ -73,7 +73,7 @@ class HealthChecker:
             else:
                 previous = endpoint.stats
                 endpoint.stats = stats
-                endpoint.in_flight_at_scrape = endpoint.in_flight
+                endpoint.in_flight_at_scrape = endpoint.total_in_flight
                 if (previous is not None and previous.process_start_time is not None
                         and stats.process_start_time != previous.process_start_time):  # fmt: skip
                     logger.warning("engine %s restarted", endpoint.id)

@@ -9,6 +9,7 @@ from typing import Any
 
 from engine_adapter.metrics import EngineStats
 from gateway.config import EngineConfig
+from gateway.endpoints.shared import SharedFleetState
 from gateway.types import EngineId
 
 
@@ -31,7 +32,7 @@ class Endpoint:
     # Operator-set: takes no new requests, finishes what it has.
     draining: bool = False
     in_flight: int = 0
-    # Our own in-flight count when `stats` was scraped: the engine's numbers include those.
+    # Our in-flight count (all workers) when `stats` was scraped: the engine's numbers include those.
     in_flight_at_scrape: int = 0
     # Predicted prefill seconds of our requests sent here that have no first byte yet.
     pending_prefill_s: float = 0.0
@@ -39,14 +40,37 @@ class Endpoint:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     ejected_until: float = 0.0  # monotonic time; passive ejection after connect errors
+    # With several worker processes: their shared view of this engine (row `shared_index`).
+    shared: SharedFleetState | None = None
+    shared_index: int = -1
 
     @property
     def models(self) -> frozenset[str]:
         return self.configured_models | self.discovered_models
 
+    @property
+    def is_draining(self) -> bool:
+        """Drained here, or (several workers) by any worker's admin API."""
+        return self.draining or (self.shared is not None and self.shared.draining(self.shared_index))
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+        if self.shared is not None:
+            self.shared.set_draining(self.shared_index, draining)
+
+    def add_in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        if self.shared is not None:
+            self.shared.set_in_flight(self.shared_index, self.in_flight)
+
+    @property
+    def total_in_flight(self) -> int:
+        """Requests every worker of this gateway has in flight here."""
+        return self.in_flight + (0 if self.shared is None else self.shared.others_in_flight(self.shared_index))
+
     def available(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        return self.healthy and not self.draining and now >= self.ejected_until
+        return self.healthy and now >= self.ejected_until and not self.is_draining
 
     @property
     def capacity_blocks(self) -> int | None:
@@ -56,13 +80,14 @@ class Endpoint:
 
     @property
     def load(self) -> float:
-        """Requests on the engine: our own in-flight count (always current) plus the requests
-        others sent it (other gateways, direct clients), from its last scrape, i.e. what the
-        engine reported beyond what we ourselves had in flight at that moment."""
+        """Requests on the engine: this gateway's in-flight count, all workers (always current),
+        plus the requests others sent it (other gateways, direct clients), from its last
+        scrape, i.e. what the engine reported beyond what we had in flight at that moment."""
+        in_flight = self.total_in_flight
         if self.stats is None:
-            return float(self.in_flight)
+            return float(in_flight)
         engine_view = self.stats.num_requests_running + self.stats.num_requests_waiting
-        return self.in_flight + max(0.0, engine_view - self.in_flight_at_scrape)
+        return in_flight + max(0.0, engine_view - self.in_flight_at_scrape)
 
 
 @dataclass(slots=True)

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.types import EngineId, RequestChunkKey
+from gateway.types import (
+    TIER_APPROXIMATE,
+    TIER_CPU,
+    TIER_GPU,
+    TIER_SPECULATIVE,
+    TIER_STORAGE,
+    EngineId,
+    PrefixMatch,
+    RequestChunkKey,
+)
 
-# Tiers as vLLM names the medium of a block, plus two the gateway writes itself.
-TIER_GPU = "GPU"  # engine device memory (vLLM calls it GPU on the CPU backend too)
-TIER_CPU = "CPU"  # engine-side CPU offload
-TIER_STORAGE = "STORAGE"  # external store
-TIER_SPECULATIVE = "speculative"  # just routed there; the engine's events are on their way
-TIER_APPROXIMATE = "approximate"  # routed there, engine publishes no events (TTL-bounded guess)
-
-
-@dataclass(slots=True)
-class PrefixMatch:
-    """Longest consecutive run of a request's chunks, from its first, that an engine holds."""
-
-    num_chunks: int = 0  # in any tier
-    by_tier: dict[str, int] = field(default_factory=dict)
+__all__ = [
+    "TIER_APPROXIMATE", "TIER_CPU", "TIER_GPU", "TIER_SPECULATIVE", "TIER_STORAGE", "ChunkIndex", "PrefixMatch",
+]  # fmt: skip
 
 
 class ChunkIndex(Protocol):

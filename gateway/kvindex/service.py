@@ -14,7 +14,7 @@ from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.tokenization.tokenizer import PromptTokenizer, TokenizationFailed
-from gateway.types import EngineId, RoutingRequest
+from gateway.types import EngineId, RoutingRequest, cached_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class PrefixService:
         match = request.prefix_matches.get(engine)
         if match is None or request.num_prompt_tokens is None:
             return 0
-        max_blocks = (request.num_prompt_tokens - 1) // self.block_size
-        return min(match.num_chunks, max_blocks) * self.block_size
+        return cached_prefix_tokens(match.num_chunks, request.num_prompt_tokens, self.block_size)
 
     def record_routed(self, request: RoutingRequest, endpoint: Endpoint) -> None:
         if not request.chunk_keys:

@@ -1,5 +1,9 @@
 """Route a request, send it upstream, retry on another engine while that is still safe, and
-hand back a response that streams the engine's bytes to the client."""
+hand back a response that streams the engine's bytes to the client.
+
+Beside the retry loop, one module each: the load ledger (`ledger.py`: in-flight counts and
+queued prefill per engine), the prediction feedback (`feedback.py`), the usage request on
+streams (`usage.py`), Responses affinity (`response_affinity.py`)."""
 
 from __future__ import annotations
 
@@ -8,9 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import httpx
 
 from gateway.config import ProxyConfig
 from gateway.endpoints.outlier import OutlierDetector
@@ -25,11 +27,13 @@ from gateway.errors import (
 from gateway.kvindex.service import PrefixService
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSES_PATH
-from gateway.proxy.response_affinity import ResponseAffinity
+from gateway.proxy.feedback import PredictionFeedback
+from gateway.proxy.ledger import Attempt, LoadLedger
+from gateway.proxy.response_affinity import ResponseAffinity, name_response
 from gateway.proxy.stream import Outcome, PassthroughResponse
-from gateway.proxy.transfer import CompletedTransfer, KVTransferRunner
-from gateway.proxy.upstream import open_stream, read_small, upstream_headers
-from gateway.proxy.usage import UsageTap, cached_tokens
+from gateway.proxy.transfer import KVTransferRunner
+from gateway.proxy.upstream import UpstreamClient, UpstreamResponse, open_stream, read_small, upstream_headers
+from gateway.proxy.usage import UsageTap, ask_for_usage
 from gateway.routing.cost_model import CostModel
 from gateway.routing.router import RoutingDecision, Router
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH
@@ -46,24 +50,11 @@ PROMPT_TOKENS_HEADER = "x-gateway-prompt-tokens"
 _NO_SUCH_ROUTE = {"detail": "Not Found"}
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """Book-keeping of one request on its chosen engine."""
-
-    endpoint: Endpoint
-    predicted_cached: int | None
-    prefill_s: float  # predicted engine time, counted in the engine's queue until first byte
-    queued_s: float  # what it was predicted to wait behind
-    running: float  # requests on the engine when it was sent
-    transfer: CompletedTransfer | None = None  # KV moved to the engine before sending
-    in_queue: bool = True
-
-
 class Dispatcher:
     def __init__(
         self,
         router: Router,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         outlier: OutlierDetector,
         metrics: GatewayMetrics,
         config: ProxyConfig,
@@ -78,10 +69,14 @@ class Dispatcher:
         self._metrics = metrics
         self._config = config
         self._prefix = prefix
-        self._cost_model = cost_model or CostModel()
+        cost_model = cost_model or CostModel()
+        self._ledger = LoadLedger(prefix, cost_model, metrics)
+        self._feedback = PredictionFeedback(cost_model, metrics, prefix)
         self._transfers = transfers
         # Responses API: response id -> the engine that stored it.
-        self.responses = responses if responses is not None else ResponseAffinity()
+        self.responses = responses if responses is not None else ResponseAffinity(
+            fleet=lambda: [e.id for e in router.registry.endpoints]
+        )
 
     async def dispatch(self, request: RoutingRequest, body: bytes, started_at: float) -> PassthroughResponse:
         """Raises a GatewayError when no engine could answer; otherwise the response is the
@@ -96,33 +91,39 @@ class Dispatcher:
         # continues a conversation the engine stored, which the gateway never saw.
         if self._prefix is not None and request.api_path not in PASSTHROUGH_PATHS and request.pinned_engine is None:
             await self._prefix.annotate(request)
-        body, strip_usage = self._ask_for_usage(request, body)
+        strip_usage = False
+        if self._prefix is not None and request.stream and request.api_path in (CHAT_PATH, COMPLETIONS_PATH):
+            body, strip_usage = ask_for_usage(request.body, body)
         last_error: GatewayError | None = None
         for attempt_no in range(self._config.max_retries + 1):
             decision = self._router.route(request)
-            attempt = self._acquire(request, decision.endpoint)
+            attempt = self._ledger.acquire(request, decision.endpoint)
             endpoint = decision.endpoint
             self._metrics.routing_decisions.labels(decision.policy, endpoint.id).inc()
             if self._transfers is not None and attempt_no == 0:
                 try:
                     transfer = await self._transfers.prepare(request, endpoint)
                 except BaseException:  # cancelled (client gone): nothing was sent for it
-                    self._release(attempt)
+                    self._ledger.release(attempt)
                     raise
                 if transfer is not None:
-                    self._reprice(request, attempt, transfer)
+                    self._ledger.reprice(request, attempt, transfer)
             headers = upstream_headers(request.headers, endpoint, request.request_id)
             try:
-                upstream = await open_stream(self._client, endpoint, request.api_path, headers, body)
+                upstream = await open_stream(
+                    self._client, endpoint, request.api_path, headers,
+                    name_response(self.responses, request.body, body, endpoint.id) if request.api_path == RESPONSES_PATH
+                    else body,
+                )  # fmt: skip
             except UpstreamConnectError as exc:
-                self._release(attempt)
+                self._ledger.release(attempt)
                 self._outlier.record_connect_failure(endpoint)
                 if self._pinned(request, endpoint):
                     raise
                 last_error = exc
                 reason = "connect_error"
             except GatewayError:
-                self._release(attempt)
+                self._ledger.release(attempt)
                 raise
             else:
                 if upstream.status_code == 404:
@@ -134,7 +135,7 @@ class Dispatcher:
                 ):
                     return self._respond(request, decision, attempt, upstream, started_at, strip_usage)
                 await upstream.aclose()
-                self._release(attempt)
+                self._ledger.release(attempt)
                 last_error = None
                 reason = f"status_{upstream.status_code}"
             logger.warning("request %s: engine %s failed (%s), retrying", request.request_id, endpoint.id, reason)
@@ -147,28 +148,27 @@ class Dispatcher:
         raise UpstreamConnectError("every engine tried for this request failed")
 
     async def _unless_api_missing(
-        self, request: RoutingRequest, endpoint: Endpoint, attempt: _Attempt, upstream: httpx.Response
-    ) -> httpx.Response:
+        self, request: RoutingRequest, endpoint: Endpoint, attempt: Attempt, upstream: UpstreamResponse
+    ) -> UpstreamResponse:
         """An engine's 404 as it is, unless it is its web framework's `{"detail": "Not Found"}`:
         the engine has no such API (a pass-through API its model does not offer, say /classify
         on an embedding model). That becomes the gateway's own OpenAI-shaped 404."""
         try:
             small = await read_small(upstream, endpoint)
         except GatewayError:
-            self._release(attempt)
+            self._ledger.release(attempt)
             raise
         if small is None:
             return upstream
-        content, upstream = small
-        if upstream.headers.get("content-encoding", "identity") == "identity":
+        if small.header("content-encoding") in ("", "identity"):
             try:
-                missing = json.loads(content) == _NO_SUCH_ROUTE
+                missing = json.loads(small.content) == _NO_SUCH_ROUTE
             except (ValueError, UnicodeDecodeError):
                 missing = False
             if missing:
-                self._release(attempt)
+                self._ledger.release(attempt)
                 raise EndpointNotServed(f"The engine serving model `{request.model}` has no {request.api_path} API.")
-        return upstream
+        return small
 
     async def forward_stored(
         self, request: RoutingRequest, method: str, path: str, response_id: str, started_at: float
@@ -198,21 +198,21 @@ class Dispatcher:
         last_error: GatewayError | None = None
         for endpoint in endpoints:
             request.model = registry.model_of(endpoint.id) or ""
-            attempt = self._acquire(request, endpoint)
+            attempt = self._ledger.acquire(request, endpoint)
             headers = upstream_headers(request.headers, endpoint, request.request_id)
             try:
                 upstream = await open_stream(self._client, endpoint, path, headers, b"", method=method)
             except UpstreamConnectError as exc:
-                self._release(attempt)
+                self._ledger.release(attempt)
                 self._outlier.record_connect_failure(endpoint)
                 last_error = exc
                 continue
             except GatewayError:
-                self._release(attempt)
+                self._ledger.release(attempt)
                 raise
             if upstream.status_code == 404 and owner is None:
                 await upstream.aclose()
-                self._release(attempt)
+                self._ledger.release(attempt)
                 continue
             if upstream.status_code == 200 and owner is None:
                 self.responses.remember(response_id, endpoint.id)
@@ -244,24 +244,12 @@ class Dispatcher:
         the same engine would meet the same state (and a connect failure ejects it)."""
         return request.pinned_engine is not None and request.pinned_engine == endpoint.id
 
-    def _ask_for_usage(self, request: RoutingRequest, body: bytes) -> tuple[bytes, bool]:
-        """Streams carry usage only on request. To check each prediction, ask for it and
-        remember to remove that extra event from what the client sees."""
-        if self._prefix is None or not request.stream or request.api_path not in (CHAT_PATH, COMPLETIONS_PATH):
-            return body, False
-        options = request.body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            return body, False
-        patched = dict(request.body)
-        patched["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        return json.dumps(patched).encode(), True
-
     def _respond(
         self,
         request: RoutingRequest,
         decision: RoutingDecision,
-        attempt: _Attempt,
-        upstream: httpx.Response,
+        attempt: Attempt,
+        upstream: UpstreamResponse,
         started_at: float,
         strip_usage: bool,
         *,
@@ -276,7 +264,7 @@ class Dispatcher:
         if self._prefix is not None and upstream.status_code == 200:
             self._prefix.record_routed(request, endpoint)
         first_byte_at: list[float] = []
-        event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        event_stream = upstream.header("content-type").startswith("text/event-stream")
         on_response_id: Callable[[str], None] | None = None
         if route == RESPONSES_PATH and upstream.status_code == 200:
             # Recorded as soon as it is seen (a stream's first event), so a background
@@ -288,13 +276,13 @@ class Dispatcher:
 
         def on_first_byte() -> None:
             first_byte_at.append(time.perf_counter())
-            self._leave_queue(attempt)
+            self._ledger.first_byte(attempt)
             if attempt.transfer is not None and self._transfers is not None:
                 self._transfers.first_byte(attempt.transfer, first_byte_at[0])
             self._metrics.ttft.labels(request.model, route).observe(first_byte_at[0] - started_at)
 
         def on_finish(outcome: Outcome) -> None:
-            self._release(attempt)
+            self._ledger.release(attempt)
             status = str(upstream.status_code) if outcome == "complete" else outcome
             self._metrics.requests.labels(endpoint.id, request.model, route, status).inc()
             self._metrics.request_latency.labels(request.model, route).observe(time.perf_counter() - started_at)
@@ -303,70 +291,10 @@ class Dispatcher:
                 logger.info("request %s: client left before the end of the response", request.request_id)
             if outcome == "complete" and upstream.status_code == 200 and observe:
                 ttft = (first_byte_at[0] if first_byte_at else time.perf_counter()) - started_at
-                self._check_prediction(request, attempt, tap, ttft)
+                self._feedback.observe(request, attempt, tap.usage, ttft)
 
         headers = {ENGINE_HEADER: endpoint.id, "x-request-id": request.request_id}
         if attempt.predicted_cached is not None and request.num_prompt_tokens is not None:
             headers[PREDICTED_CACHED_HEADER] = str(attempt.predicted_cached)
             headers[PROMPT_TOKENS_HEADER] = str(request.num_prompt_tokens)
         return PassthroughResponse(upstream, headers, on_first_byte, on_finish, tap)
-
-    def _check_prediction(self, request: RoutingRequest, attempt: _Attempt, tap: UsageTap, ttft_s: float) -> None:
-        usage = tap.usage
-        actual = cached_tokens(usage)
-        if usage is None or actual is None:
-            return
-        prompt_tokens = usage.get("prompt_tokens")
-        if isinstance(prompt_tokens, int):
-            # Time to first byte is time to first token only when streaming, or for one token;
-            # after a transfer it also holds the transfer (timed and calibrated on its own).
-            if (request.stream or usage.get("completion_tokens") == 1) and attempt.transfer is None:
-                self._cost_model.observe(actual, prompt_tokens, ttft_s, attempt.queued_s, attempt.running)
-        if attempt.predicted_cached is None or self._prefix is None:
-            return
-        engine = attempt.endpoint.id
-        m = self._metrics
-        m.predicted_cached_tokens.labels(engine).inc(attempt.predicted_cached)
-        m.engine_cached_tokens.labels(engine).inc(actual)
-        if isinstance(prompt_tokens, int):
-            m.prompt_tokens.labels(engine).inc(prompt_tokens)
-        error = actual - attempt.predicted_cached
-        m.prediction_error.observe(error)
-        block = self._prefix.block_size
-        verdict = "within_one_block" if abs(error) <= block else ("under" if error > 0 else "over")
-        m.predictions.labels(verdict).inc()
-
-    def _acquire(self, request: RoutingRequest, endpoint: Endpoint) -> _Attempt:
-        predicted, prefill_s = self._predicted_prefill(request, endpoint)
-        attempt = _Attempt(endpoint, predicted, prefill_s, queued_s=endpoint.pending_prefill_s, running=endpoint.load)
-        endpoint.in_flight += 1
-        endpoint.pending_prefill_s += prefill_s
-        self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)
-        return attempt
-
-    def _predicted_prefill(self, request: RoutingRequest, endpoint: Endpoint) -> tuple[int | None, float]:
-        """(cached tokens the engine should report, its predicted prefill seconds)."""
-        if self._prefix is None or request.num_prompt_tokens is None:
-            return None, 0.0
-        predicted = self._prefix.predicted_cached_tokens(request, endpoint.id)
-        return predicted, self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
-
-    def _reprice(self, request: RoutingRequest, attempt: _Attempt, transfer: CompletedTransfer) -> None:
-        """After a transfer the engine holds more of the prompt: less to prefill."""
-        attempt.transfer = transfer
-        predicted, prefill_s = self._predicted_prefill(request, attempt.endpoint)
-        if attempt.in_queue:
-            pending = attempt.endpoint.pending_prefill_s - attempt.prefill_s + prefill_s
-            attempt.endpoint.pending_prefill_s = max(0.0, pending)
-        attempt.predicted_cached = predicted
-        attempt.prefill_s = prefill_s
-
-    def _leave_queue(self, attempt: _Attempt) -> None:
-        if attempt.in_queue:
-            attempt.in_queue = False
-            attempt.endpoint.pending_prefill_s = max(0.0, attempt.endpoint.pending_prefill_s - attempt.prefill_s)
-
-    def _release(self, attempt: _Attempt) -> None:
-        self._leave_queue(attempt)
-        attempt.endpoint.in_flight -= 1
-        self._metrics.in_flight.labels(attempt.endpoint.id).set(attempt.endpoint.in_flight)

@@ -14,12 +14,11 @@ from typing import Literal
 
 import anyio
 import anyio.lowlevel
-import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import error_body
-from gateway.proxy.upstream import response_headers
+from gateway.errors import UpstreamError, error_body
+from gateway.proxy.upstream import UpstreamResponse, response_headers
 from gateway.proxy.usage import UsageTap
 
 logger = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ Outcome = Literal["complete", "client_disconnected", "upstream_failed"]
 class PassthroughResponse(Response):
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         extra_headers: dict[str, str],
         on_first_byte: Callable[[], None],
         on_finish: Callable[[Outcome], None],
@@ -39,7 +38,7 @@ class PassthroughResponse(Response):
         self._upstream = upstream
         # Starlette's Response keeps headers in `raw_headers`; set it so anything reading
         # `response.headers` (middleware, logging) sees what is sent.
-        self.raw_headers = response_headers(upstream.headers) + [
+        self.raw_headers = response_headers(upstream) + [
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()
         ]
         self._on_first_byte = on_first_byte
@@ -92,12 +91,12 @@ class PassthroughResponse(Response):
                 # without suspending: a fast stream would otherwise hold the event loop and
                 # stall every other request. Yield once per chunk.
                 await anyio.lowlevel.checkpoint()
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             # Bytes already reached the client: no retry is possible. For an event stream,
             # say what happened in-band the way vLLM reports its own stream errors.
             logger.warning("upstream failed mid-response: %s", exc)
             tail = b""
-            if self._upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            if self._upstream.header("content-type").startswith("text/event-stream"):
                 body = error_body(f"engine failed mid-stream: {type(exc).__name__}", "upstream_error", "bad_gateway")
                 tail = b"data: " + json.dumps(body).encode() + b"\n\n"
             self._upstream_done = True

@@ -51,8 +51,12 @@ class KVTransferRunner:
         Returns the transfer once done; None when none was worth it or it failed."""
         if not request.token_ids or not target.kv_transfer:
             return None
-        self._estimator.transfer_model.refresh_wire_time(self._registry.endpoints)
-        estimate = self._estimator.estimate(request, target)
+        # What the kv_aware scorer estimated when it chose `target` (not a fresh estimate: the
+        # model may have moved since, and the decision was made on this one).
+        estimate = request.ttft_estimates.get(target.id)
+        if estimate is None:
+            self._estimator.refresh()
+            estimate = self._estimator.estimate(request, target)
         option = estimate.transfer
         if option is None or not estimate.transfers:
             return None

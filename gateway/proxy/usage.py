@@ -166,3 +166,19 @@ def cached_tokens(usage: dict[str, Any] | None) -> int | None:
         return None
     value = details.get("cached_tokens")
     return value if isinstance(value, int) else None
+
+
+def ask_for_usage(body: dict[str, Any], raw: bytes) -> tuple[bytes, bool]:
+    """A stream carries usage only when asked (`stream_options.include_usage`). To check its
+    prediction, the gateway asks where the client did not: returns the body to send and
+    whether the usage event must be removed from what the client sees (`UsageTap`)."""
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return raw, False
+    if "stream_options" not in body and raw[:1] == b"{":
+        # The body as the client sent it, one member added in front: no re-serializing
+        # (tens of kilobytes for a long prompt).
+        return b'{"stream_options":{"include_usage":true},' + raw[1:], True
+    patched = dict(body)
+    patched["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return json.dumps(patched).encode(), True

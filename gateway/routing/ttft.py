@@ -22,7 +22,7 @@ from gateway.kvindex.base import TIER_GPU
 from gateway.kvindex.layout import KVLayout
 from gateway.routing.cost_model import CostModel
 from gateway.routing.transfer_model import TransferCostModel
-from gateway.types import EngineId, RoutingRequest
+from gateway.types import EngineId, RoutingRequest, cached_prefix_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,11 @@ class TTFTEstimator:
     def _block_size(self) -> int:
         return self._layout.block_size
 
+    def refresh(self) -> None:
+        """Bring the transfer cost model up to the engines' latest NIXL metrics."""
+        if self.transfer_enabled and self._registry is not None:
+            self.transfer_model.refresh_wire_time(self._registry.endpoints)
+
     @property
     def transfer_enabled(self) -> bool:
         return self._registry is not None and self._transfer_config is not None and self._transfer_config.enabled
@@ -77,7 +82,7 @@ class TTFTEstimator:
     def cached_tokens(self, request: RoutingRequest, engine: EngineId) -> int:
         match = request.prefix_matches.get(engine)
         n = request.num_prompt_tokens or 0
-        return min(match.num_chunks * self._block_size, max(0, n - 1)) if match is not None else 0
+        return cached_prefix_tokens(match.num_chunks, n, self._block_size) if match is not None else 0
 
     def estimate(self, request: RoutingRequest, target: Endpoint) -> TTFTEstimate:
         n = request.num_prompt_tokens or 0
@@ -91,7 +96,6 @@ class TTFTEstimator:
             return None
         assert self._registry is not None and self._transfer_config is not None
         n = request.num_prompt_tokens
-        max_blocks = (n - 1) // self._block_size
         model = self.cost_model
         best: TransferOption | None = None
         for holder in self._registry.transfer_sources(request.model):
@@ -99,7 +103,7 @@ class TTFTEstimator:
                 continue
             match = request.prefix_matches.get(holder.id)
             held_blocks = match.by_tier.get(TIER_GPU, 0) if match is not None else 0
-            prefix = min(held_blocks, max_blocks) * self._block_size
+            prefix = cached_prefix_tokens(held_blocks, n, self._block_size)
             moved = prefix - cached
             if moved < self._transfer_config.min_prefix_tokens:
                 continue

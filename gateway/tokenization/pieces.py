@@ -66,36 +66,62 @@ class PieceEncoder:
 
     def encode(self, text: str) -> list[int]:
         """The ids `backend.encode(text, add_special_tokens=False)` gives."""
-        ids: list[int] = []
+        return self.encode_pieces(self.split(text))
+
+    def split(self, text: str) -> list[str]:
+        """The special tokens of `text` and the texts between them, in order."""
+        return [piece for piece in self._split(text) if piece]
+
+    def uncached_chars(self, pieces: list[str]) -> int:
+        """How much text encoding `pieces` would have to encode: the caller's estimate of
+        whether that is worth a worker thread."""
+        cache = self._cache
+        return sum(len(p) for p in pieces if len(p) >= MIN_CACHED_CHARS and p not in cache)
+
+    def encode_pieces(self, pieces: list[str]) -> list[int]:
         specials = self._specials
-        for piece in self._split(text):
-            if not piece:
-                continue
+        fresh = self._encode_missing(pieces)
+        ids: list[int] = []
+        for piece in pieces:
             special = specials.get(piece)
             if special is not None:
                 ids.append(special)
             elif len(piece) < MIN_CACHED_CHARS:
                 ids.extend(self._backend.encode(piece, add_special_tokens=False).ids)
             else:
-                ids.extend(self._cached(piece))
+                found = fresh.get(piece)
+                ids.extend(found if found is not None else self._cached(piece))
         return ids
 
+    def _encode_missing(self, pieces: list[str]) -> dict[str, array[int]]:
+        """Encode the long pieces not cached yet, in one `encode_batch` call: it releases the
+        GIL (plain `encode` does not, measured: a worker thread running it stalled the event
+        loop for whole encodes) and spreads the pieces over the tokenizer's threads."""
+        with self._lock:
+            missing = list(dict.fromkeys(
+                p for p in pieces if len(p) >= MIN_CACHED_CHARS and p not in self._specials and p not in self._cache
+            ))  # fmt: skip
+        if not missing:
+            return {}
+        encodings = self._backend.encode_batch(missing, add_special_tokens=False)
+        fresh = {piece: array("I", encoding.ids) for piece, encoding in zip(missing, encodings)}
+        with self._lock:
+            self.misses += len(fresh)
+            for piece, encoded in fresh.items():
+                if piece not in self._cache:
+                    self._cache[piece] = encoded
+                    self._cached_tokens += len(encoded)
+            while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_tokens -= len(evicted)
+        return fresh
+
     def _cached(self, piece: str) -> array[int]:
-        # Long prompts are encoded in worker threads too: the cache is shared under a lock,
-        # the encoding itself (which releases the GIL) runs outside it.
         with self._lock:
             found = self._cache.get(piece)
             if found is not None:
                 self._cache.move_to_end(piece)
                 self.hits += 1
                 return found
-            self.misses += 1
-        encoded = array("I", self._backend.encode(piece, add_special_tokens=False).ids)
-        with self._lock:
-            if piece not in self._cache:
-                self._cache[piece] = encoded
-                self._cached_tokens += len(encoded)
-            while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
-                _, evicted = self._cache.popitem(last=False)
-                self._cached_tokens -= len(evicted)
-        return encoded
+        # Evicted since `_encode_missing` looked (a cache smaller than one prompt): encode again.
+        return array("I", self._backend.encode(piece, add_special_tokens=False).ids)

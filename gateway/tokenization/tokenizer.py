@@ -74,13 +74,24 @@ class HFPromptTokenizer:
         return texts
 
     async def token_ids(self, model: str, api_path: str, body: dict[str, Any]) -> list[int] | None:
+        """Encoded on the event loop when little is new (a cached conversation costs well under
+        a millisecond), in a worker thread when much is: the Rust tokenizer's batch encode
+        releases the GIL, so the loop keeps serving meanwhile."""
         prompt = prompt_of(api_path, body)
         if prompt is None:
             return None
+        pieces = self._pieces
+        if isinstance(prompt, ChatPrompt) and pieces is not None and not prompt.add_special_tokens:
+            try:
+                split = pieces.split(self._render(prompt))
+            except Exception as exc:
+                raise TokenizationFailed(f"{type(exc).__name__}: {exc}") from None
+            if pieces.uncached_chars(split) < self._offload_min_chars:
+                return pieces.encode_pieces(split)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split)
         if _prompt_chars(prompt) < self._offload_min_chars:
             return self.encode(prompt)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.encode, prompt)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt)
 
     def token_ids_sync(self, api_path: str, body: dict[str, Any]) -> list[int] | None:
         prompt = prompt_of(api_path, body)
@@ -112,7 +123,8 @@ class HFPromptTokenizer:
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+            # encode_batch, not encode: it releases the GIL when this runs in a worker thread.
+            return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     @property

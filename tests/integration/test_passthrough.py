@@ -116,6 +116,26 @@ def test_previous_response_id_chains_stay_on_their_engine(client: openai.OpenAI,
         assert raw_got.parse().id == last
 
 
+def test_a_gateway_that_never_saw_a_response_knows_its_engine(
+    client: openai.OpenAI, engine_configs: list[dict[str, Any]], generative: set[str]
+) -> None:
+    """Another worker, another replica, this gateway after a restart: the ids the gateway
+    gives responses name their engine, so a follow-up needs no memory of the first request."""
+    first = [client.responses.with_raw_response.create(model=MODEL_NAME, input=f"Hi {i}.", max_output_tokens=4)
+             for i in range(4)]  # fmt: skip
+    assert {raw.headers[ENGINE_HEADER] for raw in first} == generative
+    with GatewayServer(gateway_config(engine_configs, routing={"policy": "round_robin"})) as other:
+        fresh = openai.OpenAI(base_url=f"{other.url}/v1", api_key="unused", max_retries=0)
+        for raw in first:
+            previous = raw.parse().id
+            assert previous.startswith("resp_gw")
+            follow = fresh.responses.with_raw_response.create(
+                model=MODEL_NAME, input="And then?", max_output_tokens=4, previous_response_id=previous
+            )
+            assert follow.headers[ENGINE_HEADER] == raw.headers[ENGINE_HEADER]
+            assert follow.parse().previous_response_id == previous
+
+
 def test_retrieve(client: openai.OpenAI) -> None:
     created = client.responses.create(model=MODEL_NAME, input="Remember me.", max_output_tokens=4)
     got = client.responses.retrieve(created.id)

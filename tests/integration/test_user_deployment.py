@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from engine_adapter.launch.launcher import NIXL_CPU_ENV, NIXL_TRANSFER_CONFIG
 from gateway.config import GatewayConfig, parse_config
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH, HFPromptTokenizer
 from tests.conftest import BLOCK_SIZE, MODEL_NAME, ROOT
-from tests.harness import GatewayServer, free_port
+from tests.harness import GatewayProcess, GatewayServer, free_port, stop_process_group
 from tests.integration.test_prefix_routing import text_of, wait_until
 from tests.integration.test_tokenization import CHATS, COMPLETIONS
 
@@ -116,18 +115,6 @@ def start_engine(service: str, model_dir: Path, core: int) -> UserEngine:
     return UserEngine(service, port, events_port, process)
 
 
-def stop_engine(engine: UserEngine) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(engine.process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            engine.process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def engine_ready(engine: UserEngine) -> bool:
     if engine.process.poll() is not None:
         log = (LOG_DIR / f"{engine.name}.log").read_text(errors="replace")[-3000:]
@@ -149,7 +136,7 @@ def user_engines(tiny_model_dir: Path) -> Iterator[list[UserEngine]]:
         yield engines
     finally:
         for engine in engines:
-            stop_engine(engine)
+            stop_process_group(engine.process)
 
 
 def readme_yaml() -> str:
@@ -197,7 +184,7 @@ def engine_token_ids(engine: UserEngine, body: dict[str, Any]) -> list[int]:
     return list(resp.json()["tokens"])
 
 
-def client_for(gateway: GatewayServer) -> openai.OpenAI:
+def client_for(gateway: GatewayServer | GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -256,6 +243,21 @@ def test_shared_system_prompts_are_served_from_cache(deployment: tuple[str, Gate
     assert httpx.get(f"{gateway.url}/health").json()["status"] == "ok"
 
 
+def test_two_workers_keep_the_cache(user_engines: list[UserEngine]) -> None:
+    """`server.workers: 2`, started as users start it: each worker follows the engines' events
+    and both share each engine's load; the prefix groups stay cached whichever worker routes."""
+    config = yaml.safe_load(readme_config(user_engines).model_dump_json(exclude_defaults=True))
+    config["server"] = {"workers": 2}
+    with GatewayProcess(config, LOG_DIR / "gateway-2-workers.log") as gateway:
+        share, placements = replay_groups(gateway, user_engines, seed=22_000)
+        served = gateway.metric("gateway_requests_total")
+        health = httpx.get(f"{gateway.url}/health").json()
+    print(f"2 workers: {share:.1%} of the reusable prompt tokens served from cache; placements {placements}")
+    assert share >= 0.95, (share, placements)
+    assert served == NUM_GROUPS * NUM_TURNS  # /metrics adds up both workers
+    assert health["status"] == "ok"
+
+
 def test_the_workload_needs_prefix_routing(user_engines: list[UserEngine]) -> None:
     """The control: the same workload through a router blind to prefixes keeps far less."""
     config = readme_config(user_engines, routing={"policy": "round_robin"})
@@ -265,7 +267,7 @@ def test_the_workload_needs_prefix_routing(user_engines: list[UserEngine]) -> No
     assert share < 0.8, (share, placements)
 
 
-def replay_groups(gateway: GatewayServer, engines: list[UserEngine], seed: int) -> tuple[float, dict[int, set[str]]]:
+def replay_groups(gateway: GatewayServer | GatewayProcess, engines: list[UserEngine], seed: int) -> tuple[float, dict[int, set[str]]]:
     """(share of the reusable prompt tokens the engines served from cache, engines per group).
     Seeds keep each run's prefixes apart from what other runs cached."""
     client = client_for(gateway)

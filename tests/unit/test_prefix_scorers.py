@@ -252,9 +252,11 @@ def test_kv_aware_estimates_are_ttft() -> None:
 
 def test_kv_aware_never_counts_the_last_prompt_token_as_cached() -> None:
     model = CostModel()
-    req = request(64, {"a": gpu(4)})  # the whole prompt is in cache; vLLM still computes one token
+    # The whole prompt is in cache; vLLM still computes its last token, so its hit stops at
+    # the last whole block before it: 48 cached, 16 computed (as it reports cached_tokens).
+    req = request(64, {"a": gpu(4)})
     estimates = kv_scorer(model).estimates(req, [endpoint("a")])
-    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(63, 1, 0.0, 0))
+    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(48, 16, 0.0, 0))
 
 
 def test_kv_aware_scores_are_relative_to_fastest() -> None:

@@ -175,3 +175,15 @@ def test_without_a_callback_no_id_is_read() -> None:
     tap = UsageTap(event_stream=True, strip_usage_event=False)
     run(tap, [STREAM])
     assert tap.response_id is None and tap.usage is None
+
+
+def test_ids_the_gateway_names_say_their_engine_to_any_gateway_process() -> None:
+    fleet = [EngineId("engine-0"), EngineId("engine-1"), EngineId("b")]
+    named = ResponseAffinity.new_id(EngineId("engine-1"))
+    assert named.startswith("resp_") and len(named) <= 64
+    # Another worker or replica, which never saw the response: the id alone tells.
+    elsewhere = ResponseAffinity(fleet=lambda: fleet)
+    assert elsewhere.engine_for(named) == "engine-1"
+    assert elsewhere.engine_for(ResponseAffinity.new_id(EngineId("b"))) == "b"
+    assert elsewhere.engine_for(ResponseAffinity.new_id(EngineId("gone"))) is None
+    assert elsewhere.engine_for("resp_" + "0" * 32) is None  # an engine's own id: unknown

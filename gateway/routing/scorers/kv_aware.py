@@ -22,10 +22,13 @@ class KVAwareScorer(BaseScorer):
 
     def estimates(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> dict[EngineId, TTFTEstimate]:
         estimator = self.context.ttft
+        estimator.refresh()
         return {e.id: estimator.estimate(request, e) for e in endpoints}
 
     def score(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> Mapping[EngineId, float]:
-        seconds = {engine: estimate.best_s for engine, estimate in self.estimates(request, endpoints).items()}
+        # Kept on the request: what the transfer step will execute (gateway.proxy.transfer).
+        request.ttft_estimates = self.estimates(request, endpoints)
+        seconds = {engine: estimate.best_s for engine, estimate in request.ttft_estimates.items()}
         if not seconds:
             return {}
         fastest = min(seconds.values())

@@ -1,0 +1,45 @@
+"""What the engine reported about a finished request, fed back: the cost model learns from
+its time to first token, and the gateway's prediction of its cached tokens is checked
+(the `gateway_cached_tokens_*` metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.kvindex.service import PrefixService
+from gateway.metrics import GatewayMetrics
+from gateway.proxy.ledger import Attempt
+from gateway.proxy.usage import cached_tokens
+from gateway.routing.cost_model import CostModel
+from gateway.types import RoutingRequest
+
+
+class PredictionFeedback:
+    def __init__(self, cost_model: CostModel, metrics: GatewayMetrics, prefix: PrefixService | None) -> None:
+        self._cost_model = cost_model
+        self._metrics = metrics
+        self._prefix = prefix  # None: the gateway predicts nothing (no prefix routing)
+
+    def observe(self, request: RoutingRequest, attempt: Attempt, usage: dict[str, Any] | None, ttft_s: float) -> None:
+        actual = cached_tokens(usage)
+        if usage is None or actual is None:
+            return
+        prompt_tokens = usage.get("prompt_tokens")
+        if isinstance(prompt_tokens, int):
+            # Time to first byte is time to first token only when streaming, or for one token;
+            # after a transfer it also holds the transfer (timed and calibrated on its own).
+            if (request.stream or usage.get("completion_tokens") == 1) and attempt.transfer is None:
+                self._cost_model.observe(actual, prompt_tokens, ttft_s, attempt.queued_s, attempt.running)
+        if attempt.predicted_cached is None or self._prefix is None:
+            return
+        engine = attempt.endpoint.id
+        m = self._metrics
+        m.predicted_cached_tokens.labels(engine).inc(attempt.predicted_cached)
+        m.engine_cached_tokens.labels(engine).inc(actual)
+        if isinstance(prompt_tokens, int):
+            m.prompt_tokens.labels(engine).inc(prompt_tokens)
+        error = actual - attempt.predicted_cached
+        m.prediction_error.observe(error)
+        block = self._prefix.block_size
+        verdict = "within_one_block" if abs(error) <= block else ("under" if error > 0 else "over")
+        m.predictions.labels(verdict).inc()
