@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine_adapter.transfer.nixl import NixlPullTransfer
 from gateway.api.admin import build_admin_router
+from gateway.api.auth import APIKeys
 from gateway.api.debug import build_debug_router
 from gateway.api.openai import build_openai_router
 from gateway.config import ConfigError, GatewayConfig
@@ -99,11 +100,12 @@ def build_app(
 
     def on_health_change(endpoint: Endpoint) -> None:
         metrics.engine_healthy.labels(endpoint.id).set(1 if endpoint.healthy else 0)
+        # Out of rotation, an engine is no candidate, so what the index says of it routes
+        # nothing; a blip must not make the gateway forget a cache the engine still has (vLLM
+        # announces no blocks it already holds). A restart (new process start time, event
+        # sequence back to 0) or a gap in its events that cannot be replayed does reset it.
         if endpoint.healthy:
             on_join(endpoint)
-        else:
-            # Down may mean restarting with an empty cache: never route on what it held.
-            ingestor.reset(endpoint.id, "engine left rotation")
 
     def on_restart(endpoint: Endpoint) -> None:
         ingestor.reset(endpoint.id, "engine restarted")
@@ -183,6 +185,7 @@ def build_app(
 
     app = FastAPI(title="prefix-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
+    app.state.api_keys = APIKeys(config.server.api_keys)
     app.state.registry = registry
     app.state.index = index
     app.state.ingestor = ingestor
@@ -192,8 +195,9 @@ def build_app(
     app.state.layout = layout
     app.state.routing_problems = routing_problems
     app.include_router(build_openai_router())
-    app.include_router(build_admin_router())
-    app.include_router(build_debug_router())
+    # The operators' API is not part of the API clients are shown (/openapi.json).
+    app.include_router(build_admin_router(), include_in_schema=False)
+    app.include_router(build_debug_router(), include_in_schema=False)
     install_error_handlers(app)
     return app
 

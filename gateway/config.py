@@ -7,6 +7,8 @@ the offending field by its dotted path (``routing.scorers.0.weight: ...``).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,12 +28,38 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
-    # Bearer token for admin endpoints (/admin/*, /debug/*). None disables them.
+    # Bearer token for admin endpoints (/admin/*, /debug/*). None disables them. The
+    # environment's GATEWAY_ADMIN_TOKEN, when set and not empty, takes its place.
     admin_token: str | None = None
+    # Client API keys: with any, every client request must carry one (Authorization: Bearer,
+    # or x-api-key). The environment's GATEWAY_API_KEYS (comma-separated) adds to them.
+    api_keys: list[str] = Field(default_factory=list)
     # One log line per request (uvicorn's access log): off by default, it costs on every request.
     access_log: bool = False
     # Worker processes serving the port, one per core to use (gateway.workers).
     workers: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _real_admin_token(cls, value: str | None) -> str | None:
+        return None if value is None else _check_secret(value, "admin token")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _real_api_keys(cls, value: list[str]) -> list[str]:
+        return [_check_secret(key, "API key") for key in value]
+
+
+# Tokens that are placeholders in examples, never secrets.
+_PLACEHOLDER_TOKENS = frozenset({"change-me", "changeme", "change_me", "secret", "password", "token"})
+
+
+def _check_secret(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"an empty {what} would let anyone in; remove the key to disable it")
+    if value.strip().lower() in _PLACEHOLDER_TOKENS:
+        raise ValueError(f"{value!r} is a placeholder, not a {what}: set a real one (or its environment variable)")
+    return value
 
 
 class EngineConfig(_Strict):
@@ -146,6 +174,9 @@ class ProxyConfig(_Strict):
     # Attempts on other engines after a failure that happened before any byte reached the client.
     max_retries: int = Field(default=2, ge=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # A client's own chat template (`chat_template`, or in `chat_template_kwargs`) is Jinja code:
+    # refused (400) unless allowed here; allowed, it is passed to the engine, never run here.
+    allow_client_chat_templates: bool = False
 
 
 class ScorerConfig(BaseModel):
@@ -221,6 +252,23 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def with_environment(data: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """Secrets from the environment rather than the file: GATEWAY_ADMIN_TOKEN replaces
+    `server.admin_token`, GATEWAY_API_KEYS (comma-separated) adds to `server.api_keys`. An
+    empty variable is as good as unset (docker compose passes unset ones as empty)."""
+    environ = os.environ if environ is None else environ
+    admin_token = environ.get("GATEWAY_ADMIN_TOKEN", "").strip()
+    api_keys = [k.strip() for k in environ.get("GATEWAY_API_KEYS", "").split(",") if k.strip()]
+    if not (admin_token or api_keys) or not isinstance(data, dict):
+        return data
+    server = dict(data.get("server") or {})
+    if admin_token:
+        server["admin_token"] = admin_token
+    if api_keys:
+        server["api_keys"] = [*(server.get("api_keys") or []), *api_keys]
+    return {**data, "server": server}
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     path = Path(path)
     try:
@@ -231,4 +279,4 @@ def load_config(path: str | Path) -> GatewayConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {path}: {exc}") from None
-    return parse_config(data, str(path))
+    return parse_config(with_environment(data), str(path))

@@ -19,6 +19,10 @@ TIER_CPU = "CPU"  # engine-side CPU offload
 TIER_STORAGE = "STORAGE"  # external store
 TIER_SPECULATIVE = "speculative"  # just routed there; the engine's events are on their way
 TIER_APPROXIMATE = "approximate"  # routed there, engine publishes no events (TTL-bounded guess)
+# The engine reported this prefix as cached (usage.prompt_tokens_details) though the index did
+# not know it: held before the gateway subscribed, or events lost. TTL-bounded, as no
+# BlockRemoved can name it.
+TIER_REPORTED = "reported"
 
 
 @dataclass(slots=True)

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gateway.api.admin import require_admin
-from gateway.api.openai import parse_json_object, read_body, routing_request_from
+from gateway.api.openai import parse_request, read_body, routing_request_from
+from gateway.api.validation import parse_json_object
 from gateway.kvindex.service import PrefixService
 from gateway.routing.router import Router
 from gateway.routing.ttft import TTFTEstimate, TTFTEstimator
@@ -26,6 +27,7 @@ def build_debug_router() -> APIRouter:
         data = parse_json_object(body)
         # The body says which API it is for: chat has messages, completions a prompt.
         api_path = request.query_params.get("api") or (CHAT_PATH if "messages" in data else COMPLETIONS_PATH)
+        data = parse_request(body, api_path, allow_chat_templates=request.app.state.config.proxy.allow_client_chat_templates)
         routing_request = routing_request_from(request, data, api_path)
         started = time.perf_counter()
         prefix: PrefixService | None = request.app.state.prefix

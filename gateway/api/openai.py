@@ -4,22 +4,30 @@ model-scoped APIs passed through (gateway.proxy.paths.PASSTHROUGH_PATHS)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
-import json
+import logging
 import os
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.api.validation import check_request, parse_json_object
 from gateway.endpoints.registry import EndpointRegistry
-from gateway.errors import BadRequest, PayloadTooLarge
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.metrics import GatewayMetrics
 from gateway.proxy.dispatcher import Dispatcher
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSE_CANCEL_ROUTE, RESPONSE_ROUTE, RESPONSES_PATH
 from gateway.types import RoutingRequest
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROXIED_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", RESPONSES_PATH)
 # Routes whose body may leave out `model`, as vLLM allows: the fleet's only model is meant.
@@ -41,18 +49,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(body: bytes, *, require_model: bool = True) -> dict[str, Any]:
-    if not body:
-        raise BadRequest("Request body is empty; expected a JSON object.")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("Request body must be a JSON object.")
+def parse_request(body: bytes, api_path: str, *, require_model: bool = True,
+                  allow_chat_templates: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The body as a JSON object whose fields the gateway reads are of the right types."""
+    data = parse_json_object(body)
     model = data.get("model")
     if (require_model or model is not None) and (not isinstance(model, str) or not model):
         raise BadRequest("Missing required parameter: 'model'.", param="model")
+    check_request(api_path, data, allow_chat_templates=allow_chat_templates)
     return data
 
 
@@ -93,18 +97,49 @@ def routing_request_from(
     )
 
 
+async def until_client_leaves(request: Request, dispatching: Coroutine[Any, Any, T]) -> T | Response:
+    """Run `dispatching` (routing, tokenizing, waiting for the engine's response headers, for a
+    non-streamed request the whole answer) unless the client leaves first: then it is
+    cancelled, which closes the upstream connection, and vLLM aborts the request instead of
+    computing an answer nobody reads. Once the response exists, `PassthroughResponse` watches."""
+    work = asyncio.ensure_future(dispatching)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, GatewayError):
+        await work
+    metrics: GatewayMetrics = request.app.state.metrics
+    metrics.client_disconnects.labels(request.url.path).inc()
+    logger.info("client left before the response began (%s %s)", request.method, request.url.path)
+    return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
+
+async def _client_gone(request: Request) -> None:
+    # The body is read already: what is left to receive is the disconnect (uvicorn repeats it
+    # to every later receive, so the response's own watcher still gets it).
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # a server that answered at once again must not spin the loop
+
+
 def build_openai_router() -> APIRouter:
     router = APIRouter()
 
     async def proxied(request: Request) -> Any:
         started_at = time.perf_counter()
+        request.app.state.api_keys.check(request)
         dispatcher: Dispatcher = request.app.state.dispatcher
         body = await read_body(request, request.app.state.config.proxy.max_body_bytes)
         api_path = request.url.path
-        data = parse_json_object(body, require_model=api_path not in MODEL_OPTIONAL_ROUTES)
+        data = parse_request(body, api_path, require_model=api_path not in MODEL_OPTIONAL_ROUTES,
+                             allow_chat_templates=request.app.state.config.proxy.allow_client_chat_templates)  # fmt: skip
         model = data["model"] if data.get("model") is not None else implied_model(request.app.state.registry)
         routing_request = routing_request_from(request, data, api_path, model)
-        return await dispatcher.dispatch(routing_request, body, started_at)
+        return await until_client_leaves(request, dispatcher.dispatch(routing_request, body, started_at))
 
     for path in (*PROXIED_ROUTES, *PASSTHROUGH_PATHS):
         # Plain Starlette routes: FastAPI's per-request dependency and validation machinery
@@ -114,6 +149,7 @@ def build_openai_router() -> APIRouter:
     async def stored_response(request: Request, response_id: str) -> Any:
         """A stored Responses API response: to the engine that has it (Dispatcher.forward_stored)."""
         started_at = time.perf_counter()
+        request.app.state.api_keys.check(request)
         dispatcher: Dispatcher = request.app.state.dispatcher
         route: str = request.scope["route"].path
         path = route.replace("{response_id}", quote(response_id, safe=""))
@@ -127,13 +163,16 @@ def build_openai_router() -> APIRouter:
             request_id=request_id_for(request),
             stream=request.query_params.get("stream", "").lower() == "true",
         )
-        return await dispatcher.forward_stored(routing_request, request.method, path, response_id, started_at)
+        return await until_client_leaves(
+            request, dispatcher.forward_stored(routing_request, request.method, path, response_id, started_at)
+        )
 
     router.add_api_route(RESPONSE_ROUTE, stored_response, methods=["GET"])
     router.add_api_route(RESPONSE_CANCEL_ROUTE, stored_response, methods=["POST"])
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
+        request.app.state.api_keys.check(request)
         return JSONResponse({"object": "list", "data": request.app.state.registry.model_cards()})
 
     return router

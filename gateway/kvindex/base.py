@@ -10,6 +10,7 @@ from gateway.types import (
     TIER_CPU,
     TIER_GPU,
     TIER_SPECULATIVE,
+    TIER_REPORTED,
     TIER_STORAGE,
     EngineId,
     PrefixMatch,
@@ -17,7 +18,8 @@ from gateway.types import (
 )
 
 __all__ = [
-    "TIER_APPROXIMATE", "TIER_CPU", "TIER_GPU", "TIER_SPECULATIVE", "TIER_STORAGE", "ChunkIndex", "PrefixMatch",
+    "TIER_APPROXIMATE", "TIER_CPU", "TIER_GPU", "TIER_REPORTED", "TIER_SPECULATIVE", "TIER_STORAGE", "ChunkIndex",
+    "PrefixMatch",
 ]  # fmt: skip
 
 

@@ -27,10 +27,18 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
-from gateway.kvindex.base import TIER_APPROXIMATE, TIER_CPU, TIER_GPU, TIER_SPECULATIVE, TIER_STORAGE, PrefixMatch
+from gateway.kvindex.base import (
+    TIER_APPROXIMATE,
+    TIER_CPU,
+    TIER_GPU,
+    TIER_REPORTED,
+    TIER_SPECULATIVE,
+    TIER_STORAGE,
+    PrefixMatch,
+)
 from gateway.types import EngineId, RequestChunkKey
 
-_KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE)
+_KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE, TIER_REPORTED)
 _ANY = 0  # slice of the union of all tiers
 
 

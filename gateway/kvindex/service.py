@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
-from gateway.kvindex.base import TIER_APPROXIMATE, TIER_SPECULATIVE, ChunkIndex, PrefixMatch
+from gateway.kvindex.base import TIER_APPROXIMATE, TIER_REPORTED, TIER_SPECULATIVE, ChunkIndex, PrefixMatch
 from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.tokenization.chunking import chain_root, chunk_keys
@@ -113,6 +113,13 @@ class PrefixService:
             by_tier = dict(match.by_tier)
             by_tier[TIER_SPECULATIVE] = max(by_tier.get(TIER_SPECULATIVE, 0), num_chunks)
             request.prefix_matches[endpoint.id] = PrefixMatch(num_chunks=num_chunks, by_tier=by_tier)
+
+    def learn_reported(self, request: RoutingRequest, engine: EngineId, cached_tokens: int) -> None:
+        """The engine served `cached_tokens` of this prompt from its cache: it holds that prefix,
+        whatever the index thought (the index repairs itself from what engines report)."""
+        keys = request.chunk_keys[: cached_tokens // self.block_size] if self.block_size else []
+        if keys:
+            self.index.add(engine, keys, TIER_REPORTED, ttl_s=self._approximate_ttl_s)
 
     def match(self, request: RoutingRequest, engine: EngineId) -> PrefixMatch:
         return request.prefix_matches.get(engine) or PrefixMatch()

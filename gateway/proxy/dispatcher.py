@@ -122,7 +122,7 @@ class Dispatcher:
                     raise
                 last_error = exc
                 reason = "connect_error"
-            except GatewayError:
+            except BaseException:  # GatewayError, or cancelled: the client left before the engine answered
                 self._ledger.release(attempt)
                 raise
             else:
@@ -155,7 +155,7 @@ class Dispatcher:
         on an embedding model). That becomes the gateway's own OpenAI-shaped 404."""
         try:
             small = await read_small(upstream, endpoint)
-        except GatewayError:
+        except BaseException:  # GatewayError, or cancelled: the client left
             self._ledger.release(attempt)
             raise
         if small is None:
@@ -207,7 +207,7 @@ class Dispatcher:
                 self._outlier.record_connect_failure(endpoint)
                 last_error = exc
                 continue
-            except GatewayError:
+            except BaseException:  # GatewayError, or cancelled: the client left before the engine answered
                 self._ledger.release(attempt)
                 raise
             if upstream.status_code == 404 and owner is None:

@@ -40,6 +40,8 @@ class PredictionFeedback:
             m.prompt_tokens.labels(engine).inc(prompt_tokens)
         error = actual - attempt.predicted_cached
         m.prediction_error.observe(error)
+        if error >= self._prefix.block_size:
+            self._prefix.learn_reported(request, engine, actual)
         block = self._prefix.block_size
         verdict = "within_one_block" if abs(error) <= block else ("under" if error > 0 else "over")
         m.predictions.labels(verdict).inc()

@@ -29,8 +29,12 @@ HOP_BY_HOP = frozenset(
         "transfer-encoding", "upgrade", "host", "content-length",
     }
 )  # fmt: skip
-# Client credentials are for the gateway, never for the engines (they have their own key).
-_NOT_FORWARDED = HOP_BY_HOP | {"authorization", "cookie", "content-type"}
+# Only end-to-end headers reach the engines: never the client's credentials (for the gateway;
+# engines have their own key), nor what a client could forge about where it comes from.
+_NOT_FORWARDED = HOP_BY_HOP | {
+    "authorization", "x-api-key", "cookie", "content-type", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-real-ip",
+}  # fmt: skip
 # The gateway's own server adds these; forwarding the engine's would duplicate them.
 _SERVER_SET = frozenset({"date", "server"})
 _NOT_RETURNED = (HOP_BY_HOP - {"content-length"}) | _SERVER_SET
@@ -91,7 +95,9 @@ async def open_stream(
 
 
 def upstream_headers(incoming: Mapping[str, str], endpoint: Endpoint, request_id: str) -> dict[str, str]:
-    headers = {k: v for k, v in incoming.items() if k.lower() not in _NOT_FORWARDED}
+    # Headers the client named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    named = {h.strip().lower() for h in incoming.get("connection", "").split(",")}
+    headers = {k: v for k, v in incoming.items() if k.lower() not in _NOT_FORWARDED and k.lower() not in named}
     headers["x-request-id"] = request_id
     # The gateway parsed the body as JSON whatever the client declared.
     headers["content-type"] = "application/json"

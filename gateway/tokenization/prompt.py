@@ -73,6 +73,10 @@ def _chat(body: dict[str, Any]) -> ChatPrompt | None:
     if not isinstance(messages, list) or not messages:
         return None
     kwargs = body.get("chat_template_kwargs")
+    if body.get("chat_template") is not None or (isinstance(kwargs, dict) and "chat_template" in kwargs):
+        # A client's own template (where the gateway allows them) is never run here: it is
+        # code, and the request is routed without prefix knowledge.
+        return None
     tools = body.get("tools")
     continue_final = bool(body.get("continue_final_message", False))
     return ChatPrompt(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine_adapter.metrics import parse_engine_metrics
 from tests.conftest import EMBED_MODEL_NAME, MODEL_NAME
@@ -131,30 +133,73 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
     assert first_chunk_at < total / 4, (first_chunk_at, total)
 
 
-def test_abandoned_stream_is_aborted_on_the_engine(gateway: GatewayServer, engine_configs: list[dict[str, Any]]) -> None:
-    urls = {e["name"]: e["url"] for e in engine_configs}
-    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as resp:
-        engine_url = urls[resp.headers["x-gateway-engine"]]
-        # Keep reading until the engine's own metrics show the request running (they are
-        # published once per engine step, a little after the first tokens).
-        deadline = time.monotonic() + 10
-        seen_running = False
-        received = b""
-        for chunk in resp.iter_raw():
-            received += chunk
-            if engine_running(engine_url) >= 1:
-                seen_running = True
-                break
-            if time.monotonic() > deadline:
-                break
-        assert seen_running, f"the engine never reported the stream as running; got {received[-500:]!r}"
-    # Leaving the block closes the connection mid-stream.
-    deadline = time.monotonic() + 5
-    while engine_running(engine_url) != 0:
-        assert time.monotonic() < deadline, "engine kept generating for an abandoned stream"
+# Asked of an engine by the abort tests: far more than it makes before the client leaves, and
+# `generated` tells an aborted request from a finished one whatever the engine's speed.
+LONG = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 4000, "ignore_eos": True}
+
+
+def generated(urls: list[str]) -> float:
+    """Tokens the engines have generated so far (vllm:generation_tokens_total, all of them)."""
+    total = 0.0
+    for url in urls:
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+            total += sum(s.value for s in family.samples if s.name == "vllm:generation_tokens_total")
+    return total
+
+
+def settled(urls: list[str], timeout_s: float = 60) -> float:
+    """`generated` once the engines run nothing (polled: CPU vLLM answers /metrics slowly
+    while it decodes, so no fixed wait would be right on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while any(engine_running(u) for u in urls):
+        assert time.monotonic() < deadline, "the engines never went idle"
         time.sleep(0.2)
+    return generated(urls)
+
+
+def generative_urls(engine_configs: list[dict[str, Any]]) -> list[str]:
+    return [e["url"] for e in engine_configs if e["name"].startswith("engine-")]
+
+
+def test_abandoned_stream_is_aborted_on_the_engine(gateway: GatewayServer, engine_configs: list[dict[str, Any]]) -> None:
+    urls = generative_urls(engine_configs)
+    before = settled(urls)
+    received = 0
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as resp:
+        for chunk in resp.iter_raw():
+            received += chunk.count(b"data: ")
+            if received >= 20:  # generating, for sure: now leave mid-stream
+                break
+    assert received >= 20
+    assert settled(urls) - before < 3000, "the engine generated the whole answer for a client that left"
     assert gateway.metric("gateway_client_disconnects_total") >= 1
+
+
+def test_a_client_leaving_before_the_first_byte_aborts_the_engines_work(
+    gateway: GatewayServer, engine_configs: list[dict[str, Any]]
+) -> None:
+    """A non-streamed request gets no byte until the engine is done: the gateway must notice the
+    client leaving while it waits, and not have 4,000 tokens generated for nobody."""
+    urls = generative_urls(engine_configs)
+    before_tokens = settled(urls)
+    before = gateway.metric("gateway_client_disconnects_total")
+    body = json.dumps(LONG).encode()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+        # Leave once the gateway has sent it to an engine (its own count, answered at once).
+        deadline = time.monotonic() + 20
+        while gateway.metric("gateway_engine_in_flight") < 1:
+            assert time.monotonic() < deadline, "the request never reached an engine"
+            time.sleep(0.02)
+    assert settled(urls) - before_tokens < 3000, "an engine generated the whole answer for a client that left"
+    deadline = time.monotonic() + 5
+    while gateway.metric("gateway_client_disconnects_total") <= before:
+        assert time.monotonic() < deadline, "the early disconnect was not counted"
+        time.sleep(0.1)
+    # And the gateway's own load ledger let go of it (a leak would skew routing for good).
+    assert gateway.metric("gateway_engine_in_flight") == 0
 
 
 def test_no_healthy_engine_is_503() -> None:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from engine_adapter.launch.launcher import EngineFleet
-from gateway.kvindex.base import TIER_GPU
+from gateway.kvindex.base import TIER_GPU, TIER_REPORTED, TIER_SPECULATIVE
 from tests.conftest import BLOCK_SIZE, KV_BLOCKS_PER_ENGINE, MODEL_NAME
 from tests.harness import GatewayServer, gateway_config
 
@@ -193,3 +193,36 @@ def test_eviction_and_restart_are_reflected_in_the_index(
     wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) > 20, 10, "KV events after re-caching")
     engine_fleet.restart(engine)
     wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) == 0, 15, "the index to forget a restarted engine")
+
+
+def test_a_gateway_started_after_the_engines_cached_learns_from_their_reports(
+    engine_configs: list[dict[str, Any]], model_configs: list[dict[str, Any]]
+) -> None:
+    """vLLM announces no block it already holds: a gateway that (re)starts in front of warm
+    engines learns their caches from the cached tokens they report, and routes by them."""
+    prefix = text_of(15_000, 700)
+    config = prefix_gateway_config("prefix", engine_configs, model_configs)
+    with GatewayServer(config) as first:
+        holder = complete(first, prefix + " warm it").headers["x-gateway-engine"]
+    other = next(e["name"] for e in engine_configs if e["name"] != holder and e["name"].startswith("engine-"))
+    admin = {"authorization": "Bearer admin"}
+    # Speculative entries (written at routing time) would explain the routing below on their
+    # own: here they expire at once, so only what the engine reported can.
+    config.kv_index.speculative_ttl_s = 0.001
+    with GatewayServer(config) as restarted:
+        # Its index knows nothing of the prefix; the one request it can only send to the holder.
+        assert httpx.post(f"{restarted.url}/admin/engines/{other}/drain", headers=admin).status_code == 200
+        taught = complete(restarted, prefix + " first question")
+        assert taught.headers["x-gateway-engine"] == holder
+        assert int(taught.headers["x-gateway-predicted-cached-tokens"]) == 0 < cached(taught)
+        assert httpx.post(f"{restarted.url}/admin/engines/{other}/undrain", headers=admin).status_code == 200
+        explained = httpx.post(f"{restarted.url}/debug/route", json={"model": MODEL_NAME, "prompt": prefix},
+                               headers=admin, timeout=30).json()  # fmt: skip
+        assert explained["engines"][holder]["matched_chunks_by_tier"].get(TIER_REPORTED, 0) >= 20
+        assert explained["engines"][holder]["matched_chunks_by_tier"].get(TIER_SPECULATIVE, 0) == 0
+        for i in range(4):
+            resp = complete(restarted, prefix + f" question {i}")
+            predicted = int(resp.headers["x-gateway-predicted-cached-tokens"])
+            assert resp.headers["x-gateway-engine"] == holder
+            assert predicted > 0.8 * int(resp.headers["x-gateway-prompt-tokens"])
+            assert abs(cached(resp) - predicted) <= BLOCK_SIZE

@@ -36,6 +36,8 @@ class Engines:
         self.shift = 0
         self.broken: set[str] = set()
         self.paths: list[str] = []
+        self.sent: list[bytes] = []  # bodies of the inference requests
+        self.sent_headers: list[httpx.Headers] = []
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -58,6 +60,8 @@ class Engines:
             api = "/v1/chat/completions" if "messages" in body else "/v1/completions"
             ids = self.tokenizer.token_ids_sync(api, body) or []
             return httpx.Response(200, json={"tokens": [i + self.shift for i in ids], "count": len(ids)})
+        self.sent.append(request.content)
+        self.sent_headers.append(request.headers)
         usage = {"prompt_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}
         return engine_json(200, {"object": "text_completion", "choices": [], "usage": usage})
 

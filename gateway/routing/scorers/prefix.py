@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 from pydantic import Field
 
 from gateway.endpoints.registry import Endpoint
-from gateway.kvindex.base import TIER_APPROXIMATE, TIER_CPU, TIER_GPU, TIER_SPECULATIVE, TIER_STORAGE
+from gateway.kvindex.base import TIER_APPROXIMATE, TIER_CPU, TIER_GPU, TIER_REPORTED, TIER_SPECULATIVE, TIER_STORAGE
 from gateway.routing.base import BaseScorer, ScorerParams, register
 from gateway.types import EngineId, RoutingRequest
 
@@ -14,7 +14,7 @@ class PrefixParams(ScorerParams):
     # What a cached token is worth per tier, relative to one in the engine's own memory.
     tier_weights: dict[str, float] = Field(
         default_factory=lambda: {TIER_GPU: 1.0, TIER_CPU: 0.8, TIER_STORAGE: 0.5, TIER_SPECULATIVE: 1.0,
-                                 TIER_APPROXIMATE: 0.5}  # fmt: skip
+                                 TIER_APPROXIMATE: 0.5, TIER_REPORTED: 1.0}  # fmt: skip
     )
     # Matches shorter than this (tokens) are no reason to prefer an engine.
     min_match_tokens: int = Field(default=64, ge=0)
