@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,18 +13,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import build_app
 from gateway.config import parse_config
-from tests.unit.test_tokenizer_check import Engines
-from gateway.tokenization.tokenizer import HFPromptTokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> HFPromptTokenizer:
-    return HFPromptTokenizer(tiny_model_dir)
-
-
-@pytest.fixture()
-def engines(tokenizer: HFPromptTokenizer, tiny_model_dir: Path) -> Engines:
-    return Engines(tokenizer, str(tiny_model_dir))
+from tests.unit.fake_engines import Engines
 
 
 @pytest.fixture()

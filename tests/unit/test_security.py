@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,21 +11,10 @@ from starlette.testclient import TestClient
 
 from gateway.app import build_app
 from gateway.config import ConfigError, parse_config, with_environment
-from gateway.tokenization.tokenizer import HFPromptTokenizer
-from tests.unit.test_tokenizer_check import Engines
+from tests.unit.fake_engines import Engines
 
 KEYS = ["k-first-0123456789", "k-second-0123456789"]
 BODY = {"model": "m", "prompt": "hello", "max_tokens": 1}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> HFPromptTokenizer:
-    return HFPromptTokenizer(tiny_model_dir)
-
-
-@pytest.fixture()
-def engines(tokenizer: HFPromptTokenizer, tiny_model_dir: Path) -> Engines:
-    return Engines(tokenizer, str(tiny_model_dir))
 
 
 def gateway(engines: Engines, **server: Any) -> TestClient:
