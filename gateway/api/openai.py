@@ -106,6 +106,9 @@ async def until_client_leaves(request: Request, dispatching: Coroutine[Any, Any,
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself cancelled (shutdown): the work goes with it
+        work.cancel()
+        raise
     finally:
         gone.cancel()
     if work.done():
