@@ -24,6 +24,7 @@ from typing import Any
 
 import xxhash
 
+from gateway.proxy.body import with_member
 from gateway.types import EngineId
 
 _TAGGED = "resp_gw"
@@ -90,6 +91,7 @@ def _tag(engine: EngineId) -> str:
 def name_response(affinity: ResponseAffinity, body: dict[str, Any], raw: bytes, engine: EngineId) -> bytes:
     """A Responses request the client gave no `request_id` is sent with one that names the
     engine (`ResponseAffinity.new_id`): one member added in front of the body."""
-    if "request_id" in body or raw[:1] != b"{":
+    if "request_id" in body:
         return raw
-    return b'{"request_id":"' + affinity.new_id(engine).encode() + b'",' + raw[1:]
+    named = with_member(raw, "request_id", affinity.new_id(engine))
+    return raw if named is None else named

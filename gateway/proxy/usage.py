@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from gateway.proxy.body import with_member
+
 _MAX_JSON_BODY = 4 * 1024 * 1024
 # A body past the cap is not parsed; vLLM writes the response's `id` first, so read it there.
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([^"\\]{1,256})"')
@@ -175,10 +177,10 @@ def ask_for_usage(body: dict[str, Any], raw: bytes) -> tuple[bytes, bool]:
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
         return raw, False
-    if "stream_options" not in body and raw[:1] == b"{":
-        # The body as the client sent it, one member added in front: no re-serializing
-        # (tens of kilobytes for a long prompt).
-        return b'{"stream_options":{"include_usage":true},' + raw[1:], True
+    if "stream_options" not in body:
+        added = with_member(raw, "stream_options", {"include_usage": True})
+        if added is not None:
+            return added, True
     patched = dict(body)
     patched["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return json.dumps(patched).encode(), True
