@@ -119,7 +119,9 @@ def metric(url: str, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`, from `url`/metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics").text
+    # Generous: on a starved machine (engines decoding on both cores) an answer the gateway
+    # gives at once has been seen to take over 5 s (httpx's default) to arrive.
+    text = httpx.get(f"{url}/metrics", timeout=60).text
     total = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -33,7 +33,7 @@ def client(gateway: GatewayServer) -> openai.OpenAI:
 
 
 def engine_running(url: str) -> float:
-    return parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=5).text).num_requests_running
+    return parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=30).text).num_requests_running
 
 
 def test_chat_completion(client: openai.OpenAI, engine_configs: list[dict[str, Any]]) -> None:
@@ -133,13 +133,16 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
     assert first_chunk_at < total / 4, (first_chunk_at, total)
 
 
-# Asked of an engine by the abort tests: far more than it makes before the client leaves, and
-# `generated` tells an aborted request from a finished one whatever the engine's speed.
-LONG = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 4000, "ignore_eos": True}
+# Asked of an engine by the abort tests: far more than it makes before the client leaves (the
+# engines allow 8,192 tokens), so an aborted request is told from a finished one whatever the
+# engine's speed. Under a CPU hog the tiny engine once finished 4,000 tokens before the abort.
+LONG = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True}
 
 
 def generated(urls: list[str]) -> float:
-    """Tokens the engines have generated so far (vllm:generation_tokens_total, all of them)."""
+    """Tokens the engines have generated so far (vllm:generation_tokens_total, all of them).
+    vLLM 0.32 counts no aborted request in vllm:request_success_total, so this is the proof:
+    a request the engine finished generated exactly max_tokens."""
     total = 0.0
     for url in urls:
         for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
@@ -147,7 +150,7 @@ def generated(urls: list[str]) -> float:
     return total
 
 
-def settled(urls: list[str], timeout_s: float = 60) -> float:
+def settled(urls: list[str], timeout_s: float = 120) -> float:
     """`generated` once the engines run nothing (polled: CPU vLLM answers /metrics slowly
     while it decodes, so no fixed wait would be right on a busy machine)."""
     deadline = time.monotonic() + timeout_s
@@ -155,6 +158,10 @@ def settled(urls: list[str], timeout_s: float = 60) -> float:
         assert time.monotonic() < deadline, "the engines never went idle"
         time.sleep(0.2)
     return generated(urls)
+
+
+def assert_aborted_on_an_engine(before: float, after: float) -> None:
+    assert after - before < LONG["max_tokens"], "an engine generated the whole answer for a client that left"
 
 
 def generative_urls(engine_configs: list[dict[str, Any]]) -> list[str]:
@@ -171,7 +178,7 @@ def test_abandoned_stream_is_aborted_on_the_engine(gateway: GatewayServer, engin
             if received >= 20:  # generating, for sure: now leave mid-stream
                 break
     assert received >= 20
-    assert settled(urls) - before < 3000, "the engine generated the whole answer for a client that left"
+    assert_aborted_on_an_engine(before, settled(urls))
     assert gateway.metric("gateway_client_disconnects_total") >= 1
 
 
@@ -193,7 +200,7 @@ def test_a_client_leaving_before_the_first_byte_aborts_the_engines_work(
         while gateway.metric("gateway_engine_in_flight") < 1:
             assert time.monotonic() < deadline, "the request never reached an engine"
             time.sleep(0.02)
-    assert settled(urls) - before_tokens < 3000, "an engine generated the whole answer for a client that left"
+    assert_aborted_on_an_engine(before_tokens, settled(urls))
     deadline = time.monotonic() + 5
     while gateway.metric("gateway_client_disconnects_total") <= before:
         assert time.monotonic() < deadline, "the early disconnect was not counted"
