@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from gateway.api.openai import build_openai_router
 from gateway.config import ConfigError, GatewayConfig
 from gateway.endpoints.health import HealthChecker
 from gateway.endpoints.outlier import OutlierDetector
+from gateway.proxy.probe import probe_inference
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.endpoints.shared import SharedFleetState
 from gateway.errors import GatewayError, error_body, error_response
@@ -125,7 +127,13 @@ def build_app(
         nonlocal tokenizers
         upstream = build_client(config.proxy, transport)
         control = httpx.AsyncClient(transport=transport)
-        checker = HealthChecker(registry, control, config.health, on_health_change, on_restart)
+        outlier = OutlierDetector(
+            registry, config.outlier_detection, metrics,
+            probe=functools.partial(probe_inference, upstream, timeout_s=config.outlier_detection.probe_timeout_s),
+        )  # fmt: skip
+        checker = HealthChecker(
+            registry, control, config.health, on_health_change, on_restart, on_pass=outlier.lift_after_health_check
+        )
         prefix = None
         feeds = EventFeeds(registry, ingestor, replay_timeout_s=kv.replay_timeout_s)
         if uses_prefix:
@@ -145,7 +153,7 @@ def build_app(
             )
         app.state.transfers = transfers
         app.state.dispatcher = Dispatcher(
-            router, upstream, OutlierDetector(registry), metrics, config.proxy, prefix, cost_model, transfers
+            router, upstream, outlier, metrics, config.proxy, prefix, cost_model, transfers
         )
         app.state.health_checker = checker
         # Know each engine's models, health and block size before the first request arrives.
@@ -179,6 +187,7 @@ def build_app(
                 await tokenizers.close()
             await feeds.stop()
             await checker.stop()
+            await outlier.close()
             await upstream.aclose()
             await control.aclose()
             metrics.close()

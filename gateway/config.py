@@ -155,6 +155,25 @@ class HealthConfig(_Strict):
     healthy_threshold: int = Field(default=1, ge=1)
 
 
+class OutlierDetectionConfig(_Strict):
+    """Passive health (gateway.endpoints.outlier): engines that fail requests are ejected from
+    rotation, for longer each time, and come back once a probe request succeeds."""
+
+    # Failed answers (5xx, a stream cut mid-way) in a row that eject an engine. A refused
+    # connection or a timeout ejects at once: each costs its client a long wait.
+    consecutive_failures: int = Field(default=3, ge=1)
+    # First ejection; each further one doubles it, up to `max_ejection_s`. An engine that stayed
+    # in rotation for `max_ejection_s` starts again from `base_ejection_s`.
+    base_ejection_s: float = Field(default=5.0, gt=0)
+    max_ejection_s: float = Field(default=300.0, gt=0)
+    # Never eject more than this share of the engines: past it, failing engines stay in rotation
+    # (an ejection that would leave too few engines would turn a fault into an outage).
+    max_ejected_fraction: float = Field(default=0.5, ge=0, le=1)
+    # When an ejection ends, one small completion (1 token) must succeed within this before the
+    # engine takes traffic again (half-open); if it does not, the engine is ejected again.
+    probe_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class KVTransferConfig(_Strict):
     """Moving a cached prefix from the engine holding it to the one chosen (engine_adapter.transfer).
     Only engines marked `kv_transfer: true` take part, and only the `kv_aware` scorer plans
@@ -170,7 +189,14 @@ class KVTransferConfig(_Strict):
 class ProxyConfig(_Strict):
     connect_timeout_s: float = Field(default=3.0, gt=0)
     # Longest silence allowed between two bytes from the engine (time to first byte included).
+    # A non-streamed answer comes whole, so this is also its longest generation.
     read_timeout_s: float = Field(default=600.0, gt=0)
+    # A streamed request whose engine sent no event this long after the request is abandoned
+    # there (the engine aborts it) and retried on another engine: the client got no byte yet.
+    first_byte_timeout_s: float = Field(default=60.0, gt=0)
+    # A stream that then goes silent this long is ended with an in-band error (bytes reached
+    # the client: no retry is possible) and the engine aborts the request.
+    stream_idle_timeout_s: float = Field(default=30.0, gt=0)
     # Attempts on other engines after a failure that happened before any byte reached the client.
     max_retries: int = Field(default=2, ge=0)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -221,6 +247,7 @@ class GatewayConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    outlier_detection: OutlierDetectionConfig = Field(default_factory=OutlierDetectionConfig)
 
     @model_validator(mode="after")
     def _engines_present(self) -> GatewayConfig:

@@ -94,6 +94,12 @@ class UpstreamTimeout(UpstreamError):
     code = "engine_timeout"
 
 
+class FirstByteTimeout(UpstreamTimeout):
+    """No first byte within `proxy.first_byte_timeout_s`, or the engine was found hung while
+    the request waited: retried on another engine. (A non-streamed request that outlives the
+    socket's read timeout is not: its client waited that long already.)"""
+
+
 def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

@@ -76,6 +76,23 @@ class GatewayMetrics:
         self.client_disconnects = Counter(
             "gateway_client_disconnects", "Responses abandoned by the client mid-way.", ["route"], registry=r
         )
+        # Passive health (gateway.endpoints.outlier).
+        self.upstream_timeouts = Counter(
+            "gateway_upstream_timeouts", "Engine requests abandoned for silence: first_byte (retried elsewhere) "
+            "or stream_stall (ended with an in-band error).", ["engine", "kind"], registry=r,
+        )  # fmt: skip
+        self.ejections = Counter(
+            "gateway_engine_ejections", "Engines taken out of rotation by outlier detection, by reason.",
+            ["engine", "reason"], registry=r,
+        )  # fmt: skip
+        self.ejections_refused = Counter(
+            "gateway_engine_ejections_refused", "Ejections not made: max_ejected_fraction engines were out.",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        self.probes = Counter(
+            "gateway_engine_probes", "Half-open probes at the end of an ejection, by result (ok, failed).",
+            ["engine", "result"], registry=r,
+        )  # fmt: skip
         # KV transfers (gateway.proxy.transfer): attempted = succeeded + fell_back.
         self.kv_transfers = Counter(
             "gateway_kv_transfers", "KV transfers by outcome: attempted, succeeded, fell_back (recomputed).",

@@ -33,6 +33,7 @@ def endpoint_state(endpoint: Endpoint, now: float) -> dict[str, Any]:
         "draining": endpoint.is_draining,
         "kv_transfer": endpoint.kv_transfer,
         "ejected": endpoint.ejected_until > now,
+        "ejection_reason": endpoint.ejection_reason if endpoint.ejected_until > now else None,
         "models": sorted(endpoint.models),
         "in_flight": endpoint.in_flight,
         "num_requests_running": None if stats is None else stats.num_requests_running,

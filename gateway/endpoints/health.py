@@ -2,8 +2,9 @@
 
 An engine leaves rotation after `unhealthy_threshold` failed checks (of /health and /v1/models;
 /metrics is load information and its failures only keep the last scrape) in a row and comes back
-after `healthy_threshold` passing ones. Passive ejection (connect errors seen by the proxy)
-lives in `gateway.endpoints.outlier`; a passing active check lifts it.
+after `healthy_threshold` passing ones. Passive ejection (failures the proxy sees) lives in
+`gateway.endpoints.outlier`; a passing active check ends only an ejection for a refused
+connection: a hung engine core still passes /health.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ class HealthChecker:
         config: HealthConfig,
         on_change: Callable[[Endpoint], None] | None = None,
         on_restart: Callable[[Endpoint], None] | None = None,
+        on_pass: Callable[[Endpoint], None] | None = None,
     ) -> None:
+        """`on_pass`: each passing check (outlier detection may end an ejection)."""
         self._registry = registry
         self._client = client
         self._config = config
         self._on_change = on_change
         self._on_restart = on_restart
+        self._on_pass = on_pass
         self._task: asyncio.Task[None] | None = None
 
     async def check_all(self, *, initial: bool = False) -> None:
@@ -95,7 +99,8 @@ class HealthChecker:
         if ok:
             endpoint.consecutive_failures = 0
             endpoint.consecutive_successes += 1
-            endpoint.ejected_until = 0.0
+            if self._on_pass is not None:
+                self._on_pass(endpoint)
             if not endpoint.healthy and endpoint.consecutive_successes >= self._config.healthy_threshold:
                 endpoint.healthy = True
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,15 @@ class Endpoint:
     stats: EngineStats | None = None
     consecutive_failures: int = 0
     consecutive_successes: int = 0
-    ejected_until: float = 0.0  # monotonic time; passive ejection after connect errors
+    # Passive health (gateway.endpoints.outlier). `ejected_until`: monotonic time; infinite
+    # while the probe that ends an ejection runs (half-open).
+    ejected_until: float = 0.0
+    ejection_reason: str = ""
+    num_ejections: int = 0  # in a row: each doubles the next ejection
+    restored_at: float = 0.0
+    consecutive_errors: int = 0  # failed answers in a row
+    # Requests waiting for this engine's first byte: an ejection for a timeout ends the waits.
+    first_byte_waits: set[asyncio.Timeout] = field(default_factory=set)
     # With several worker processes: their shared view of this engine (row `shared_index`).
     shared: SharedFleetState | None = None
     shared_index: int = -1

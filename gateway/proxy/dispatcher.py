@@ -7,6 +7,7 @@ streams (`usage.py`), Responses affinity (`response_affinity.py`)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -15,14 +16,17 @@ from collections.abc import Callable, Sequence
 
 
 from gateway.config import ProxyConfig
-from gateway.endpoints.outlier import OutlierDetector
+from gateway.endpoints.outlier import FIRST_BYTE_TIMEOUT, STREAM_STALL, OutlierDetector
 from gateway.endpoints.registry import Endpoint
 from gateway.errors import (
     EndpointNotServed,
+    FirstByteTimeout,
     GatewayError,
     NoHealthyEndpoint,
     ResponseNotFound,
     UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
 )
 from gateway.kvindex.service import PrefixService
 from gateway.metrics import GatewayMetrics
@@ -32,7 +36,14 @@ from gateway.proxy.ledger import Attempt, LoadLedger
 from gateway.proxy.response_affinity import ResponseAffinity, name_response
 from gateway.proxy.stream import Outcome, PassthroughResponse
 from gateway.proxy.transfer import KVTransferRunner
-from gateway.proxy.upstream import UpstreamClient, UpstreamResponse, open_stream, read_small, upstream_headers
+from gateway.proxy.upstream import (
+    UpstreamClient,
+    UpstreamResponse,
+    open_stream,
+    prefetch_first_chunk,
+    read_small,
+    upstream_headers,
+)
 from gateway.proxy.usage import UsageTap, ask_for_usage
 from gateway.routing.cost_model import CostModel
 from gateway.routing.router import RoutingDecision, Router
@@ -109,12 +120,12 @@ class Dispatcher:
                 if transfer is not None:
                     self._ledger.reprice(request, attempt, transfer)
             headers = upstream_headers(request.headers, endpoint, request.request_id)
+            outgoing = (
+                name_response(self.responses, request.body, body, endpoint.id) if request.api_path == RESPONSES_PATH
+                else body
+            )  # fmt: skip
             try:
-                upstream = await open_stream(
-                    self._client, endpoint, request.api_path, headers,
-                    name_response(self.responses, request.body, body, endpoint.id) if request.api_path == RESPONSES_PATH
-                    else body,
-                )  # fmt: skip
+                upstream = await self._open_until_first_byte(request, endpoint, headers, outgoing)
             except UpstreamConnectError as exc:
                 self._ledger.release(attempt)
                 self._outlier.record_connect_failure(endpoint)
@@ -122,6 +133,25 @@ class Dispatcher:
                     raise
                 last_error = exc
                 reason = "connect_error"
+            except UpstreamTimeout as exc:
+                self._ledger.release(attempt)
+                self._metrics.upstream_timeouts.labels(endpoint.id, "first_byte").inc()
+                self._outlier.record_timeout(endpoint, FIRST_BYTE_TIMEOUT)
+                # Nothing reached the client: another engine can take it, unless the client
+                # waited the socket's whole read timeout already.
+                if not isinstance(exc, FirstByteTimeout) or self._pinned(request, endpoint):
+                    raise
+                last_error = exc
+                reason = "first_byte_timeout"
+            except UpstreamError as exc:
+                # The engine failed before its first byte (it closed a stream it had started):
+                # nothing reached the client, so another engine can take it.
+                self._ledger.release(attempt)
+                self._outlier.record_failure(endpoint)
+                if self._pinned(request, endpoint):
+                    raise
+                last_error = exc
+                reason = "upstream_error"
             except BaseException:  # GatewayError, or cancelled: the client left before the engine answered
                 self._ledger.release(attempt)
                 raise
@@ -136,6 +166,7 @@ class Dispatcher:
                     return self._respond(request, decision, attempt, upstream, started_at, strip_usage)
                 await upstream.aclose()
                 self._ledger.release(attempt)
+                self._outlier.record_failure(endpoint)
                 last_error = None
                 reason = f"status_{upstream.status_code}"
             logger.warning("request %s: engine %s failed (%s), retrying", request.request_id, endpoint.id, reason)
@@ -146,6 +177,31 @@ class Dispatcher:
         if last_error is not None:
             raise last_error
         raise UpstreamConnectError("every engine tried for this request failed")
+
+    async def _open_until_first_byte(
+        self, request: RoutingRequest, endpoint: Endpoint, headers: dict[str, str], body: bytes
+    ) -> UpstreamResponse:
+        """The engine's response once its first byte is here (a stream's first event; for a
+        non-streamed request, its headers: the answer comes whole), or UpstreamTimeout.
+
+        A stream gets `first_byte_timeout_s`; a non-streamed request has only the socket's
+        read timeout. Either wait ends at once when outlier detection finds the engine hung
+        (`Endpoint.first_byte_waits`), so no request hangs on an engine known to be stuck."""
+        deadline = asyncio.timeout(self._config.first_byte_timeout_s if request.stream else None)
+        endpoint.first_byte_waits.add(deadline)
+        upstream: UpstreamResponse | None = None
+        try:
+            async with deadline:
+                upstream = await open_stream(self._client, endpoint, request.api_path, headers, body)
+                if request.stream and upstream.status_code == 200:
+                    upstream = await prefetch_first_chunk(upstream)
+        except TimeoutError:
+            if upstream is not None:
+                await upstream.aclose()  # the engine aborts the request
+            raise FirstByteTimeout(f"engine {endpoint.id} sent nothing for this request in time") from None
+        finally:
+            endpoint.first_byte_waits.discard(deadline)
+        return upstream
 
     async def _unless_api_missing(
         self, request: RoutingRequest, endpoint: Endpoint, attempt: Attempt, upstream: UpstreamResponse
@@ -283,6 +339,13 @@ class Dispatcher:
 
         def on_finish(outcome: Outcome) -> None:
             self._ledger.release(attempt)
+            if outcome == "upstream_stalled":
+                self._metrics.upstream_timeouts.labels(endpoint.id, "stream_stall").inc()
+                self._outlier.record_timeout(endpoint, STREAM_STALL)
+            elif outcome == "upstream_failed" or upstream.status_code >= 500:
+                self._outlier.record_failure(endpoint)
+            elif outcome == "complete":
+                self._outlier.record_success(endpoint)
             status = str(upstream.status_code) if outcome == "complete" else outcome
             self._metrics.requests.labels(endpoint.id, request.model, route, status).inc()
             self._metrics.request_latency.labels(request.model, route).observe(time.perf_counter() - started_at)
@@ -297,4 +360,5 @@ class Dispatcher:
         if attempt.predicted_cached is not None and request.num_prompt_tokens is not None:
             headers[PREDICTED_CACHED_HEADER] = str(attempt.predicted_cached)
             headers[PROMPT_TOKENS_HEADER] = str(request.num_prompt_tokens)
-        return PassthroughResponse(upstream, headers, on_first_byte, on_finish, tap)
+        idle_timeout_s = self._config.stream_idle_timeout_s if request.stream else None
+        return PassthroughResponse(upstream, headers, on_first_byte, on_finish, tap, idle_timeout_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -23,7 +24,7 @@ from gateway.proxy.usage import UsageTap
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal["complete", "client_disconnected", "upstream_failed"]
+Outcome = Literal["complete", "client_disconnected", "upstream_failed", "upstream_stalled"]
 
 
 class PassthroughResponse(Response):
@@ -34,8 +35,12 @@ class PassthroughResponse(Response):
         on_first_byte: Callable[[], None],
         on_finish: Callable[[Outcome], None],
         tap: UsageTap | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
+        """`idle_timeout_s`: longest silence of the engine between two chunks; past it the
+        response ends (an in-band error for an event stream) and the engine aborts."""
         self._upstream = upstream
+        self._idle_timeout_s = idle_timeout_s
         # Starlette's Response keeps headers in `raw_headers`; set it so anything reading
         # `response.headers` (middleware, logging) sees what is sent.
         self.raw_headers = response_headers(upstream) + [
@@ -78,31 +83,48 @@ class PassthroughResponse(Response):
     async def _forward(self, send: Send) -> Outcome:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         first = True
-        try:
-            async for chunk in self._upstream.aiter_raw():
-                if first:
-                    first = False
-                    self._on_first_byte()
-                if self._tap is not None:
-                    chunk = self._tap.feed(chunk)
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                # Reading buffered upstream data and writing to a socket with room both return
-                # without suspending: a fast stream would otherwise hold the event loop and
-                # stall every other request. Yield once per chunk.
-                await anyio.lowlevel.checkpoint()
-        except UpstreamError as exc:
-            # Bytes already reached the client: no retry is possible. For an event stream,
-            # say what happened in-band the way vLLM reports its own stream errors.
-            logger.warning("upstream failed mid-response: %s", exc)
-            tail = b""
-            if self._upstream.header("content-type").startswith("text/event-stream"):
-                body = error_body(f"engine failed mid-stream: {type(exc).__name__}", "upstream_error", "bad_gateway")
-                tail = b"data: " + json.dumps(body).encode() + b"\n\n"
-            self._upstream_done = True
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-            return "upstream_failed"
+        idle_timeout_s = self._idle_timeout_s
+        # Armed only while waiting for the engine: a slow client (send blocking) is no stall.
+        with anyio.CancelScope() as silence:
+            try:
+                if idle_timeout_s is not None:
+                    silence.deadline = anyio.current_time() + idle_timeout_s
+                async for chunk in self._upstream.aiter_raw():
+                    if idle_timeout_s is not None:
+                        silence.deadline = math.inf
+                    if first:
+                        first = False
+                        self._on_first_byte()
+                    if self._tap is not None:
+                        chunk = self._tap.feed(chunk)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # Reading buffered upstream data and writing to a socket with room both return
+                    # without suspending: a fast stream would otherwise hold the event loop and
+                    # stall every other request. Yield once per chunk.
+                    await anyio.lowlevel.checkpoint()
+                    if idle_timeout_s is not None:
+                        silence.deadline = anyio.current_time() + idle_timeout_s
+            except UpstreamError as exc:
+                # Bytes already reached the client: no retry is possible.
+                logger.warning("upstream failed mid-response: %s", exc)
+                await self._end_with_error(send, f"engine failed mid-stream: {type(exc).__name__}")
+                return "upstream_failed"
+        if silence.cancelled_caught:
+            logger.warning("engine sent nothing for %.0f s mid-response: ending it", idle_timeout_s)
+            await self._end_with_error(send, f"engine sent nothing for {idle_timeout_s:g} s")
+            return "upstream_stalled"
         self._upstream_done = True
         tail = self._tap.finish() if self._tap is not None else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
         return "complete"
+
+    async def _end_with_error(self, send: Send, message: str) -> None:
+        """For an event stream, say what happened in-band, the way vLLM reports its own
+        stream errors; any other body just ends (short of its length: the client sees it)."""
+        tail = b""
+        if self._upstream.header("content-type").startswith("text/event-stream"):
+            body = error_body(message, "upstream_error", "bad_gateway")
+            tail = b"data: " + json.dumps(body).encode() + b"\n\n"
+        self._upstream_done = True
+        await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -151,6 +151,51 @@ async def read_small(response: UpstreamResponse, endpoint: Endpoint, limit: int 
     return BufferedResponse(response.status_code, response.raw_headers, content)
 
 
+class PrefetchedResponse:
+    """A response whose first body chunk was read already (to know the engine is answering
+    before committing the client to it): that chunk is replayed first, then the rest as it
+    comes. Made by `prefetch_first_chunk`."""
+
+    def __init__(self, response: UpstreamResponse) -> None:
+        self._response = response
+        self._rest = response.aiter_raw()
+        self._first_chunk: bytes | None = None
+
+    async def read_first_chunk(self) -> None:
+        try:
+            self._first_chunk = await anext(self._rest)
+        except StopAsyncIteration:
+            self._first_chunk = None  # an empty body
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status_code
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._response.raw_headers
+
+    def header(self, name: str) -> str:
+        return self._response.header(name)
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        if self._first_chunk is None:
+            return
+        yield self._first_chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+async def prefetch_first_chunk(response: UpstreamResponse) -> PrefetchedResponse:
+    """`response` once its first body chunk arrived. Errors as `aiter_raw`."""
+    prefetched = PrefetchedResponse(response)
+    await prefetched.read_first_chunk()
+    return prefetched
+
+
 def _find_header(raw: list[tuple[bytes, bytes]], name: str) -> str:
     wanted = name.encode("latin-1")
     for key, value in raw:

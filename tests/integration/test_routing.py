@@ -36,7 +36,7 @@ def wait_for_idle_engines(engine_configs: list[dict[str, Any]]) -> None:
 
     deadline = time.monotonic() + 30
     for engine in engine_configs:
-        while parse_engine_metrics(httpx.get(f"{engine['url']}/metrics", timeout=5).text).num_requests_running:
+        while parse_engine_metrics(httpx.get(f"{engine['url']}/metrics", timeout=30).text).num_requests_running:
             assert time.monotonic() < deadline, f"{engine['name']} stays busy"
             time.sleep(0.2)
 
@@ -44,8 +44,16 @@ def wait_for_idle_engines(engine_configs: list[dict[str, Any]]) -> None:
 def engine_load(url: str) -> float:
     from engine_adapter.metrics import parse_engine_metrics
 
-    stats = parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=5).text)
+    # CPU vLLM answers /metrics slowly while busy, more so on a starved machine.
+    stats = parse_engine_metrics(httpx.get(f"{url}/metrics", timeout=30).text)
     return stats.num_requests_running + stats.num_requests_waiting
+
+
+def gateway_sees_load(gateway: GatewayServer, engine: str) -> float:
+    """The load the gateway scraped from `engine` (its admin view)."""
+    state = httpx.get(f"{gateway.url}/admin/engines", headers={"authorization": "Bearer admin"}, timeout=30).json()
+    (mine,) = [e for e in state["engines"] if e["id"] == engine]
+    return (mine["num_requests_running"] or 0) + (mine["num_requests_waiting"] or 0)
 
 
 def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -53,8 +61,9 @@ def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str
     engines chosen while that engine was busy before and after each decision."""
     busy = engine_configs[0]
     # Prefill work, not decoding: while CPU vLLM decodes several requests its /metrics can take
-    # seconds to answer, so neither this test nor the gateway would see that load. Ten uncached
-    # 6,000-token prompts keep the engine busy for about six seconds, one prefill at a time.
+    # seconds to answer, so neither this test nor the gateway would see that load. Sixteen
+    # uncached 6,000-token prompts keep the engine busy for about ten seconds, one prefill at a
+    # time (its KV cache holds one), the others waiting.
     rng = random.Random(time.monotonic_ns())
     outcomes: list[str] = []
 
@@ -66,11 +75,13 @@ def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str
         except httpx.HTTPError as exc:
             outcomes.append(type(exc).__name__)
 
-    prompts = [[rng.randint(10, 4000) for _ in range(6000)] for _ in range(10)]
+    prompts = [[rng.randint(10, 4000) for _ in range(6000)] for _ in range(16)]
     holders = [threading.Thread(target=load_directly, args=(p,)) for p in prompts]
     for holder in holders:
         holder.start()
-    config = gateway_config(engine_configs, routing={"policy": "least_loaded"}, health={"interval_s": 0.5})
+    config = gateway_config(
+        engine_configs, routing={"policy": "least_loaded"}, health={"interval_s": 0.5}, server={"admin_token": "admin"}
+    )
     chosen: list[str] = []
     try:
         deadline = time.monotonic() + 30
@@ -80,7 +91,11 @@ def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str
                 return chosen, outcomes  # inconclusive: the caller repeats the attempt
             time.sleep(0.2)
         with GatewayServer(config) as gateway:
-            time.sleep(1.2)  # two health rounds: the gateway has scraped the load
+            while gateway_sees_load(gateway, busy["name"]) < 1:  # its health rounds scrape /metrics
+                if engine_load(busy["url"]) < 1:
+                    outcomes.append("the load was gone before the gateway saw it")
+                    return chosen, outcomes
+                time.sleep(0.1)
             for _ in range(6):
                 if engine_load(busy["url"]) < 1:
                     break

@@ -16,6 +16,7 @@ from gateway.config import (
     KVTransferConfig,
     LocalEnginesConfig,
     ModelConfig,
+    OutlierDetectionConfig,
     ProxyConfig,
     RoutingConfig,
     ServerConfig,
@@ -25,7 +26,7 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
 SECTIONS: dict[str, type[BaseModel]] = {
     "server": ServerConfig, "engines": EngineConfig, "local_engines": LocalEnginesConfig, "models": ModelConfig,
     "kv_index": KVIndexConfig, "kv_transfer": KVTransferConfig, "routing": RoutingConfig, "proxy": ProxyConfig,
-    "health": HealthConfig,
+    "health": HealthConfig, "outlier_detection": OutlierDetectionConfig,
 }  # fmt: skip
 
 

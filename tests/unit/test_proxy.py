@@ -122,7 +122,9 @@ def test_all_engines_failing_gives_502_after_bounded_retries(client: TestClient,
     assert len(fleet.calls) == 3  # 1 try + max_retries
 
 
-def test_timeout_is_504_and_not_retried(client: TestClient, fleet: FakeFleet) -> None:
+def test_read_timeout_is_504_and_not_retried(client: TestClient, fleet: FakeFleet) -> None:
+    """The socket's read timeout (`read_timeout_s`) on a non-streamed request: its client waited
+    that long already. The engine is ejected all the same."""
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("no answer", request=request)
 
@@ -131,6 +133,7 @@ def test_timeout_is_504_and_not_retried(client: TestClient, fleet: FakeFleet) ->
     assert resp.status_code == 504
     assert resp.json()["error"]["type"] == "timeout"
     assert fleet.calls == ["a"]
+    assert {complete(client).headers["x-gateway-engine"] for _ in range(4)} == {"b", "c"}
 
 
 @pytest.mark.parametrize(
