@@ -8,7 +8,9 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Union
 
 import httpx
 import pytest
@@ -16,7 +18,13 @@ import pytest
 from engine_adapter.launch.launcher import EngineFleet
 from gateway.kvindex.base import TIER_GPU, TIER_REPORTED, TIER_SPECULATIVE
 from tests.conftest import BLOCK_SIZE, KV_BLOCKS_PER_ENGINE, MODEL_NAME
-from tests.harness import GatewayServer, gateway_config
+from tests.harness import GatewayProcess, GatewayServer, gateway_config
+
+# The in-process gateway, or `python -m gateway` with `server.workers: 2` (as users run it):
+# each worker follows the engines' events, so routing must be as good with several.
+Gateway = Union[GatewayServer, GatewayProcess]
+TWO_WORKERS = "prefix-2-workers"
+LOG_DIR = Path(__file__).resolve().parents[2] / ".cache" / "test-gateway-logs"
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +36,7 @@ def text_of(seed: int, num_words: int) -> str:
     return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(num_words))
 
 
-def complete(gateway: GatewayServer, prompt: str, **extra: Any) -> httpx.Response:
+def complete(gateway: Gateway, prompt: str, **extra: Any) -> httpx.Response:
     resp = httpx.post(
         f"{gateway.url}/v1/completions",
         json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, **extra},
@@ -49,7 +57,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.1)
 
 
-def gpu_chunks_held(gateway: GatewayServer, prompt: str, engine: str) -> int:
+def gpu_chunks_held(gateway: Gateway, prompt: str, engine: str) -> int:
     """How many leading chunks of `prompt` the gateway's index says `engine` holds on GPU
     (from the engine's events; speculative entries do not count). Asked through
     /debug/route so the index is only touched from the gateway's own event loop."""
@@ -71,14 +79,28 @@ def prefix_gateway_config(policy: str, engine_configs: list[dict[str, Any]],
     )
 
 
-@pytest.fixture(scope="module", params=["prefix", "kv_aware"])
-def gateway(request: pytest.FixtureRequest, engine_configs: list[dict[str, Any]],
-            model_configs: list[dict[str, Any]]) -> Iterator[GatewayServer]:  # fmt: skip
-    with GatewayServer(prefix_gateway_config(request.param, engine_configs, model_configs)) as server:
+def start_gateway(variant: str, engine_configs: list[dict[str, Any]],
+                  model_configs: list[dict[str, Any]]) -> AbstractContextManager[Gateway]:  # fmt: skip
+    if variant != TWO_WORKERS:
+        return GatewayServer(prefix_gateway_config(variant, engine_configs, model_configs))
+    config = prefix_gateway_config("prefix", engine_configs, model_configs).model_dump(mode="json")
+    config["server"]["workers"] = 2
+    return GatewayProcess(config, LOG_DIR / "prefix-2-workers.log")
+
+
+@pytest.fixture(scope="module", params=["prefix", "kv_aware", TWO_WORKERS])
+def variant(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def gateway(variant: str, engine_configs: list[dict[str, Any]],
+            model_configs: list[dict[str, Any]]) -> Iterator[Gateway]:  # fmt: skip
+    with start_gateway(variant, engine_configs, model_configs) as server:
         yield server
 
 
-def test_shared_prefix_follows_the_cache_and_prediction_matches_the_engine(gateway: GatewayServer) -> None:
+def test_shared_prefix_follows_the_cache_and_prediction_matches_the_engine(gateway: Gateway) -> None:
     prefix = text_of(1000 + hash(gateway.url) % 1000, 900)
     first = complete(gateway, prefix + " first question")
     engine = first.headers["x-gateway-engine"]
@@ -95,7 +117,7 @@ def test_shared_prefix_follows_the_cache_and_prediction_matches_the_engine(gatew
     assert gateway.metric("gateway_cached_tokens_predictions_total", verdict="within_one_block") >= 2
 
 
-def test_debug_route_explains_without_sending(gateway: GatewayServer) -> None:
+def test_debug_route_explains_without_sending(gateway: Gateway) -> None:
     prefix = text_of(3000 + hash(gateway.url) % 1000, 600)
     engine = complete(gateway, prefix + " warm").headers["x-gateway-engine"]
     wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events")
@@ -106,15 +128,15 @@ def test_debug_route_explains_without_sending(gateway: GatewayServer) -> None:
     explained = resp.json()
     assert explained["chosen"] == engine
     assert explained["engines"][engine]["matched_chunks_by_tier"][TIER_GPU] > 0
-    assert set(explained["engines"][engine]["scores"]) >= {gateway.app.state.router.scorers[0].scorer.name}
+    assert "prefix" in explained["engines"][engine]["scores"]  # a scorer of both presets
     assert gateway.metric("gateway_requests_total") == before  # nothing was sent
     assert httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": "x"}).status_code == 401
 
 
-def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(gateway: GatewayServer) -> None:
+def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(gateway: Gateway) -> None:
     prefix = text_of(5000 + hash(gateway.url) % 1000, 500)
-    complete(gateway, prefix + " a")
-    time.sleep(0.5)
+    engine = complete(gateway, prefix + " a").headers["x-gateway-engine"]
+    wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events")
     body = {"model": MODEL_NAME, "prompt": prefix + " b", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as resp:
         text = resp.read().decode()
@@ -124,7 +146,7 @@ def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(ga
     assert gateway.metric("gateway_cached_tokens_predictions_total") >= 2
 
 
-def test_shared_system_prompt_spreads_across_engines(gateway: GatewayServer) -> None:
+def test_shared_system_prompt_spreads_across_engines(gateway: Gateway) -> None:
     system = text_of(7000 + hash(gateway.url) % 1000, 700)
 
     def session(i: int) -> str:
@@ -142,15 +164,14 @@ def test_shared_system_prompt_spreads_across_engines(gateway: GatewayServer) -> 
 
 
 def test_prefix_groups_beyond_one_engine_are_spread_so_each_fits(
-    gateway: GatewayServer, engine_configs: list[dict[str, Any]], model_configs: list[dict[str, Any]]
+    variant: str, engine_configs: list[dict[str, Any]], model_configs: list[dict[str, Any]]
 ) -> None:
     # A gateway of its own: the working sets the other tests built up must not count here.
-    policy = gateway.config.routing.policy or "prefix"
-    with GatewayServer(prefix_gateway_config(policy, engine_configs, model_configs)) as fresh:
+    with start_gateway(variant, engine_configs, model_configs) as fresh:
         check_groups_spread(fresh)
 
 
-def check_groups_spread(gateway: GatewayServer) -> None:
+def check_groups_spread(gateway: Gateway) -> None:
     # 4 groups of ~120 blocks: 480 blocks in all, more than one engine's 320, less than two.
     base = 9000 + hash(gateway.url) % 1000
     groups = [text_of(base + g, 1800) for g in range(4)]
@@ -174,7 +195,7 @@ def check_groups_spread(gateway: GatewayServer) -> None:
 
 
 def test_eviction_and_restart_are_reflected_in_the_index(
-    gateway: GatewayServer, engine_fleet: EngineFleet, engine_configs: list[dict[str, Any]]
+    gateway: Gateway, engine_fleet: EngineFleet, engine_configs: list[dict[str, Any]]
 ) -> None:
     prompt = text_of(11000 + hash(gateway.url) % 1000, 900)
     engine = complete(gateway, prompt).headers["x-gateway-engine"]
