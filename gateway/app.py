@@ -218,7 +218,7 @@ def build_tokenizers(
     engine = EngineTokenizer(client, lambda model: min(registry.candidates(model), key=lambda e: e.load, default=None))
     return ModelTokenizers(
         {m.name: m.tokenizer for m in config.models}, engine, registry,
-        offload_min_chars=config.kv_index.tokenize_offload_min_chars,
+        offload_min_chars=config.kv_index.tokenize_offload_min_chars, head_chars=config.kv_index.tokenize_head_chars,
         on_status=lambda model, status: metrics.tokenizer_ready.labels(model).set(1 if status.ok else 0),
     )  # fmt: skip
 

@@ -61,6 +61,10 @@ class RoutingRequest:
     num_prompt_tokens: int | None = None
     token_ids: list[int] = field(default_factory=list)
     chunk_keys: list[RequestChunkKey] = field(default_factory=list)
+    # Chunks of the prompt beyond `chunk_keys`: its tail, left untokenized because no engine
+    # holds its start (gateway.tokenization.head); `num_prompt_tokens` is then an estimate.
+    num_unread_chunks: int = 0
+    num_prompt_tokens_estimated: bool = False
     # Per engine, the longest prefix of chunk_keys it holds (one index lookup per request).
     prefix_matches: dict[EngineId, PrefixMatch] = field(default_factory=dict)
     # Per engine, the time to first token the kv_aware scorer estimated (and the way: recompute

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
@@ -14,7 +14,7 @@ from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.tokenization.tokenizer import PromptTokenizer, TokenizationFailed
-from gateway.types import EngineId, RoutingRequest, cached_prefix_tokens
+from gateway.types import EngineId, RequestChunkKey, RoutingRequest, cached_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +58,39 @@ class PrefixService:
         if not self.layout.known:
             return
         tokenizer = self._tokenizers.for_model(request.model)
-        try:
-            token_ids = await tokenizer.token_ids(request.model, request.api_path, request.body)
-        except TokenizationFailed as exc:
-            self._tokenize_failed(request.model, str(exc))
-            return
-        if not token_ids:
-            return
-        request.num_prompt_tokens = len(token_ids)
-        request.token_ids = token_ids
         base_model, lora_name = self._registry.base_model(request.model)
         salt = request.body.get("cache_salt")
         root = chain_root(base_model, lora_name, salt if isinstance(salt, str) else None)
-        request.chunk_keys = chunk_keys(token_ids, self.block_size, root)
-        request.prefix_matches = self.index.lookup(request.chunk_keys) if request.chunk_keys else {}
+        looked_up: list[tuple[list[RequestChunkKey], dict[EngineId, PrefixMatch]]] = []
+
+        def head_is_enough(head_ids: Sequence[int]) -> bool:
+            # Chained keys: a chunk of the head that no engine holds ends every match, so the
+            # rest of the prompt cannot add to any. Otherwise the whole prompt is needed.
+            keys = chunk_keys(head_ids, self.block_size, root)
+            if not keys:
+                return False
+            matches = self.index.lookup(keys)
+            if any(m.num_chunks >= len(keys) for m in matches.values()):
+                return False
+            looked_up.append((keys, matches))
+            return True
+
+        try:
+            tokens = await tokenizer.prompt_tokens(request.model, request.api_path, request.body, head_is_enough)
+        except TokenizationFailed as exc:
+            self._tokenize_failed(request.model, str(exc))
+            return
+        if tokens is None or not tokens.ids:
+            return
+        request.num_prompt_tokens = tokens.num_tokens
+        request.token_ids = tokens.ids
+        if tokens.complete:
+            request.chunk_keys = chunk_keys(tokens.ids, self.block_size, root)
+            request.prefix_matches = self.index.lookup(request.chunk_keys) if request.chunk_keys else {}
+        else:
+            request.chunk_keys, request.prefix_matches = looked_up[-1]
+            request.num_prompt_tokens_estimated = True
+            request.num_unread_chunks = max(0, tokens.num_tokens // self.block_size - len(request.chunk_keys))
 
     def _tokenize_failed(self, model: str, reason: str) -> None:
         if self._on_tokenize_failure is not None:

@@ -359,6 +359,7 @@ class Dispatcher:
         headers = {ENGINE_HEADER: endpoint.id, "x-request-id": request.request_id}
         if attempt.predicted_cached is not None and request.num_prompt_tokens is not None:
             headers[PREDICTED_CACHED_HEADER] = str(attempt.predicted_cached)
-            headers[PROMPT_TOKENS_HEADER] = str(request.num_prompt_tokens)
+            if not request.num_prompt_tokens_estimated:
+                headers[PROMPT_TOKENS_HEADER] = str(request.num_prompt_tokens)
         idle_timeout_s = self._config.stream_idle_timeout_s if request.stream else None
         return PassthroughResponse(upstream, headers, on_first_byte, on_finish, tap, idle_timeout_s)

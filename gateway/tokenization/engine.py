@@ -16,7 +16,7 @@ import httpx
 
 from gateway.endpoints.registry import Endpoint
 from gateway.tokenization.prompt import ChatPrompt, Prompt, TextPrompt, TokenPrompt, prompt_of
-from gateway.tokenization.tokenizer import TokenizationFailed
+from gateway.tokenization.tokenizer import HeadIsEnough, PromptTokens, TokenizationFailed
 from gateway.types import EngineId
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,13 @@ class EngineTokenizer:
         self._timeout_s = timeout_s
         # engine -> whether it serves /render (absent: not asked yet).
         self._renders: dict[EngineId, bool] = {}
+
+    async def prompt_tokens(
+        self, model: str, api_path: str, body: dict[str, Any], enough: HeadIsEnough | None = None
+    ) -> PromptTokens | None:
+        """The whole prompt always: an engine has no cheaper answer for a head."""
+        ids = await self.token_ids(model, api_path, body)
+        return None if ids is None else PromptTokens(ids, len(ids))
 
     async def token_ids(self, model: str, api_path: str, body: dict[str, Any]) -> list[int] | None:
         prompt = prompt_of(api_path, body)

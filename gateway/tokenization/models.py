@@ -65,6 +65,7 @@ class ModelTokenizers:
         *,
         executor: Executor | None = None,
         offload_min_chars: int = 2048,
+        head_chars: int = 1024,
         on_status: Callable[[str, TokenizerStatus], None] | None = None,
     ) -> None:
         self._settings = dict(settings)
@@ -72,6 +73,7 @@ class ModelTokenizers:
         self._registry = registry
         self._executor = executor
         self._offload_min_chars = offload_min_chars
+        self._head_chars = head_chars
         self._on_status = on_status
         self._loaded: dict[str, HFPromptTokenizer] = {}  # by source: one load each
         self._use_local: dict[str, HFPromptTokenizer] = {}  # by model, once verified
@@ -166,7 +168,7 @@ class ModelTokenizers:
         try:
             loaded = await asyncio.to_thread(
                 HFPromptTokenizer, source, local_files_only=local_files_only, executor=self._executor,
-                offload_min_chars=self._offload_min_chars,
+                offload_min_chars=self._offload_min_chars, head_chars=self._head_chars,
             )  # fmt: skip
         except Exception as exc:  # missing files, no network, not a tokenizer
             if setting == AUTO:

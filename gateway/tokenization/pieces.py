@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from gateway.tokenization.head import HeadEncoder
+
 # Pieces shorter than this are encoded every time: caching them costs more than it saves.
 MIN_CACHED_CHARS = 64
 
@@ -92,6 +94,39 @@ class PieceEncoder:
                 found = fresh.get(piece)
                 ids.extend(found if found is not None else self._cached(piece))
         return ids
+
+    def encode_head(self, pieces: list[str], head: HeadEncoder) -> tuple[list[int], int] | None:
+        """The exact leading ids of `pieces` up to about `head.head_chars` of text not cached
+        yet (the head of a long new piece, or short new pieces whole), and about how many
+        characters they stand for. None when the prompt has less new text than that: encoding
+        it all costs little."""
+        if self.uncached_chars(pieces) < head.head_chars:
+            return None  # checked first: a conversation's next short turn must cost nothing here
+        specials = self._specials
+        ids: list[int] = []
+        num_chars = new_chars = 0
+        for piece in pieces:
+            special = specials.get(piece)
+            if special is not None:
+                ids.append(special)
+            elif len(piece) < MIN_CACHED_CHARS:
+                ids.extend(self._backend.encode(piece, add_special_tokens=False).ids)
+            else:
+                with self._lock:
+                    found = self._cache.get(piece)
+                if found is not None:
+                    ids.extend(found)
+                else:
+                    head_ids = head.head_ids(piece, add_special_tokens=False)
+                    if head_ids is not None:
+                        ids.extend(head_ids)
+                        return ids, num_chars + head.head_chars
+                    ids.extend(self._backend.encode(piece, add_special_tokens=False).ids)
+                    new_chars += len(piece)
+                    if new_chars >= head.head_chars:
+                        return ids, num_chars + len(piece)
+            num_chars += len(piece)
+        return None
 
     def _encode_missing(self, pieces: list[str]) -> dict[str, array[int]]:
         """Encode the long pieces not cached yet, in one `encode_batch` call: it releases the

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.tokenization.head import HeadEncoder
 from gateway.tokenization.pieces import PieceEncoder
 from gateway.tokenization.prompt import (
     CHAT_PATH,
@@ -37,10 +40,31 @@ class TokenizationFailed(Exception):
     """A prompt the tokenizer could not turn into token ids (the message says why)."""
 
 
+# Given the exact head of a long prompt: whether it is enough (the prompt's chunk keys broke in
+# the index within it, so the rest cannot match anywhere).
+HeadIsEnough = Callable[[Sequence[int]], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    ids: list[int]
+    # The whole prompt's length in tokens: len(ids), or, when `ids` is only the prompt's exact
+    # head (`complete` False), an estimate from the head's tokens per character.
+    num_tokens: int
+    complete: bool = True
+
+
 class PromptTokenizer(Protocol):
     async def token_ids(self, model: str, api_path: str, body: dict[str, Any]) -> list[int] | None:
         """Token ids of the prompt; None when the request has no routable prompt.
         Raises TokenizationFailed when it has one that could not be tokenized."""
+        ...
+
+    async def prompt_tokens(
+        self, model: str, api_path: str, body: dict[str, Any], enough: HeadIsEnough | None = None
+    ) -> PromptTokens | None:
+        """As `token_ids`; a tokenizer that can cut exact heads (gateway.tokenization.head)
+        encodes only the head of a long prompt whose start is new when `enough` says so."""
         ...
 
 
@@ -52,6 +76,7 @@ class HFPromptTokenizer:
         local_files_only: bool = False,
         executor: Executor | None = None,
         offload_min_chars: int = 2048,
+        head_chars: int = 1024,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -64,6 +89,11 @@ class HFPromptTokenizer:
         # that is exact (gateway.tokenization.pieces).
         self._backend = _same_as_wrapper(self._tokenizer)
         self._pieces = PieceEncoder.for_tokenizer(self._tokenizer, self._probe_texts()) if self._backend else None
+        self._heads = (
+            HeadEncoder.for_tokenizer(self._backend, [_PROBE_TEXT * 4, _PROBE_CODE], head_chars)
+            if self._backend is not None and head_chars > 0 else None
+        )  # fmt: skip
+        self._num_heads = 0
 
     def _probe_texts(self) -> list[str]:
         texts = [_PROBE_TEXT]
@@ -74,24 +104,59 @@ class HFPromptTokenizer:
         return texts
 
     async def token_ids(self, model: str, api_path: str, body: dict[str, Any]) -> list[int] | None:
+        tokens = await self.prompt_tokens(model, api_path, body)
+        return None if tokens is None else tokens.ids
+
+    async def prompt_tokens(
+        self, model: str, api_path: str, body: dict[str, Any], enough: HeadIsEnough | None = None
+    ) -> PromptTokens | None:
         """Encoded on the event loop when little is new (a cached conversation costs well under
         a millisecond), in a worker thread when much is: the Rust tokenizer's batch encode
-        releases the GIL, so the loop keeps serving meanwhile."""
+        releases the GIL, so the loop keeps serving meanwhile. With `enough`, a long prompt
+        whose new text `enough` finds unknown to the index is encoded only as far as its head."""
         prompt = prompt_of(api_path, body)
         if prompt is None:
             return None
         pieces = self._pieces
+        heads = self._heads if enough is not None else None
         if isinstance(prompt, ChatPrompt) and pieces is not None and not prompt.add_special_tokens:
             try:
                 split = pieces.split(self._render(prompt))
             except Exception as exc:
                 raise TokenizationFailed(f"{type(exc).__name__}: {exc}") from None
+            if heads is not None and enough is not None:
+                found = pieces.encode_head(split, heads)
+                if found is not None and enough(found[0]):
+                    return self._head(found[0], found[1], sum(map(len, split)), lambda: pieces.encode_pieces(split))
             if pieces.uncached_chars(split) < self._offload_min_chars:
-                return pieces.encode_pieces(split)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split)
+                return _whole(pieces.encode_pieces(split))
+            return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split))
+        if isinstance(prompt, TextPrompt) and heads is not None and enough is not None:
+            text = prompt.text
+            head_ids = heads.head_ids(text, add_special_tokens=True)
+            if head_ids is not None and enough(head_ids):
+                return self._head(head_ids, heads.head_chars, len(text), lambda: self._encode(text, True))
         if _prompt_chars(prompt) < self._offload_min_chars:
-            return self.encode(prompt)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt)
+            return _whole(self.encode(prompt))
+        return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt))
+
+    def _head(self, head_ids: list[int], head_chars: int, total_chars: int, encode_all: Callable[[], list[int]]) -> PromptTokens:
+        """`head_ids` stands for the prompt; one head in `_VERIFY_HEADS_EVERY` is compared with
+        the whole encoding in a worker thread, and heads are turned off at a difference."""
+        self._num_heads += 1
+        if self._num_heads % _VERIFY_HEADS_EVERY == 1:
+            check = self._executor.submit(encode_all)
+            check.add_done_callback(lambda done: self._verify_head(
+                head_ids, None if done.cancelled() or done.exception() else done.result()
+            ))  # fmt: skip
+        estimate = max(len(head_ids) + 1, round(len(head_ids) * total_chars / max(head_chars, 1)))
+        return PromptTokens(head_ids, estimate, complete=False)
+
+    def _verify_head(self, head_ids: list[int], whole: list[int] | None) -> None:
+        if whole is not None and whole[: len(head_ids)] != head_ids:
+            self._heads = None
+            logger.warning("tokenizer %s: a prompt's head encoded alone differs from its start encoded whole; "
+                           "long prompts are encoded whole from now on", self.source)  # fmt: skip
 
     def token_ids_sync(self, api_path: str, body: dict[str, Any]) -> list[int] | None:
         prompt = prompt_of(api_path, body)
@@ -135,6 +200,18 @@ class HFPromptTokenizer:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+# One head in this many is checked against the whole encoding (in a worker thread).
+_VERIFY_HEADS_EVERY = 64
+
+
+def _whole(ids: list[int]) -> PromptTokens:
+    return PromptTokens(ids, len(ids))
+
+
+_PROBE_CODE = (
+    "def main(argv):\n    for i in range(10):\n        print(f'{i:>4}  {argv!r}')  # done\n\n\n"
+    "    return {'a': [1, 2, 3], \"b\": None}\r\n\t\tend   of   line   \n" * 3
+)
 _PROBE_TEXT = " Hello, world!\n\n\tTabs,  double  spaces, Ünïcödé 漢字 🚀 and 1234567 digits. "
 _PROBE_CHAT = ChatPrompt(messages=[
     {"role": "system", "content": "You are terse." + _PROBE_TEXT * 2},

@@ -81,13 +81,15 @@ def stopped(pids: list[int]) -> Iterator[None]:
             os.kill(pid, signal.SIGCONT)
 
 
-def wait_back_in_rotation(gateway: GatewayServer, headers: dict[str, str], engine: str) -> None:
-    """After the engine resumed, a probe succeeds and its session's requests return to it."""
+def wait_back_in_rotation(gateway: GatewayServer, headers: dict[str, str], engine: str, *, probed: bool = True) -> None:
+    """After the engine resumed, its session's requests return to it; `probed`: because a
+    probe succeeded (an ejection for a refused connection also ends with a passing check)."""
     deadline = time.monotonic() + 90
     while complete(gateway, headers, max_tokens=1).headers["x-gateway-engine"] != engine:
         assert time.monotonic() < deadline, f"{engine} never came back into rotation"
         time.sleep(0.5)
-    assert gateway.metric("gateway_engine_probes_total", engine=engine, result="ok") >= 1
+    if probed:
+        assert gateway.metric("gateway_engine_probes_total", engine=engine, result="ok") >= 1
 
 
 def test_a_stopped_engine_core_is_ejected_and_its_waiting_requests_retried(
@@ -168,3 +170,31 @@ def test_a_paused_engine_is_worked_around_and_taken_back_when_it_resumes(
         assert streamed.status_code == 200 and streamed.headers["x-gateway-engine"] == "engine-1"
         assert complete(gateway, on_0).headers["x-gateway-engine"] == "engine-1"
     wait_back_in_rotation(gateway, on_0, "engine-0")
+
+
+def test_a_killed_engine_core_ends_its_stream_and_no_request_is_lost(
+    gateway: GatewayServer, engine_fleet: EngineFleet
+) -> None:
+    """vLLM answers 503 once its engine core is dead, then shuts its API server down: the
+    stream in progress ends with an error event, every later request is served elsewhere."""
+    on_0 = session_on(gateway, "engine-0")
+    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=on_0, timeout=120) as resp:
+            assert resp.headers["x-gateway-engine"] == "engine-0"
+            lines = resp.iter_lines()
+            received = 0
+            for line in lines:
+                received += line.startswith("data: ")
+                if received == 10:
+                    break
+            engine_core(engine_fleet, "engine-0").kill()
+            rest = [line for line in lines if line.startswith("data: ")]
+        # The engine's own error event (then [DONE]), or the gateway's when the connection dropped.
+        assert any(line.startswith('data: {"error"') for line in rest[-2:]), rest[-3:]
+        for _ in range(6):
+            answer = complete(gateway, on_0)
+            assert answer.status_code == 200 and answer.headers["x-gateway-engine"] == "engine-1"
+    finally:
+        engine_fleet.restart("engine-0")
+    wait_back_in_rotation(gateway, on_0, "engine-0", probed=False)
