@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,6 +85,9 @@ class HFPromptTokenizer:
         self.source = str(source)
         self._tokenizer = AutoTokenizer.from_pretrained(self.source, local_files_only=local_files_only)
         self._executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        # Work no request waits for (whole encodings behind heads) runs at the lowest CPU
+        # priority: on idle cycles, never in the way of requests.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-idle", initializer=_lowest_priority)
         self._offload_min_chars = offload_min_chars
         # The Rust tokenizer called directly where it gives what transformers' wrapper gives
         # (it costs a third to a half as much), and chats encoded from cached pieces where
@@ -127,7 +132,8 @@ class HFPromptTokenizer:
             if heads is not None and enough is not None:
                 found = pieces.encode_head(split, heads)
                 if found is not None and enough(found[0]):
-                    return self._head(found[0], found[1], sum(map(len, split)), lambda: pieces.encode_pieces(split))
+                    return self._head(found[0], found[1], sum(map(len, split)), lambda: pieces.encode_pieces(split),
+                                      warm_pieces=True)  # fmt: skip
             if pieces.uncached_chars(split) < self._offload_min_chars:
                 return _whole(pieces.encode_pieces(split))
             return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split))
@@ -135,17 +141,23 @@ class HFPromptTokenizer:
             text = prompt.text
             head_ids = heads.head_ids(text, add_special_tokens=True)
             if head_ids is not None and enough(head_ids):
-                return self._head(head_ids, heads.head_chars, len(text), lambda: self._encode(text, True))
+                return self._head(head_ids, heads.head_chars, len(text), lambda: self._encode(text, True),
+                                  warm_pieces=False)  # fmt: skip
         if _prompt_chars(prompt) < self._offload_min_chars:
             return _whole(self.encode(prompt))
         return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt))
 
-    def _head(self, head_ids: list[int], head_chars: int, total_chars: int, encode_all: Callable[[], list[int]]) -> PromptTokens:
-        """`head_ids` stands for the prompt; one head in `_VERIFY_HEADS_EVERY` is compared with
-        the whole encoding in a worker thread, and heads are turned off at a difference."""
+    def _head(
+        self, head_ids: list[int], head_chars: int, total_chars: int, encode_all: Callable[[], list[int]], *,
+        warm_pieces: bool,
+    ) -> PromptTokens:
+        """`head_ids` stands for the prompt. The whole is encoded in a worker thread after all
+        when `warm_pieces` (a chat: its pieces are cached for the conversation's next turn,
+        which will match beyond this head), else for one head in `_VERIFY_HEADS_EVERY`; the
+        head is checked against it, and heads are turned off at a difference."""
         self._num_heads += 1
-        if self._num_heads % _VERIFY_HEADS_EVERY == 1:
-            check = self._executor.submit(encode_all)
+        if warm_pieces or self._num_heads % _VERIFY_HEADS_EVERY == 1:
+            check = self._background.submit(encode_all)
             check.add_done_callback(lambda done: self._verify_head(
                 head_ids, None if done.cancelled() or done.exception() else done.result()
             ))  # fmt: skip
@@ -198,10 +210,19 @@ class HFPromptTokenizer:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)
 
 
 # One head in this many is checked against the whole encoding (in a worker thread).
 _VERIFY_HEADS_EVERY = 64
+
+
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread (Linux schedules threads apart; elsewhere a no-op)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _whole(ids: list[int]) -> PromptTokens:
