@@ -2,8 +2,8 @@
 waiting for the active checks, which a hung engine passes (vLLM's /health answers from its API
 server even while its engine core is stopped).
 
-An engine is ejected at once when a connection to it fails or it times out (no first byte,
-a stream gone silent), and after `consecutive_failures` failed answers in a row (5xx, a stream
+An engine is ejected at once when a connection to it fails, it times out (no first byte, a
+stream gone silent) or it says its engine core died, and after `consecutive_failures` failed answers in a row (5xx, a stream
 cut mid-way). An ejection lasts `base_ejection_s`, doubled for each further ejection in a row
 up to `max_ejection_s`. When it ends the circuit is half-open: one probe request (a 1-token
 completion, through the same client as the traffic) must succeed before the engine takes
@@ -36,7 +36,11 @@ CONNECT_ERROR = "connect_error"
 FIRST_BYTE_TIMEOUT = "first_byte_timeout"
 STREAM_STALL = "stream_stall"
 FAILED_ANSWERS = "failed_answers"
+ENGINE_DEAD = "engine_dead"
 _HUNG = frozenset({FIRST_BYTE_TIMEOUT, STREAM_STALL})
+# Ejections a passing active check ends: the engine's server is back (refused connections) or
+# was restarted (vLLM's /health answers 503 while its engine core is dead).
+_LIFTED_BY_HEALTH_CHECKS = frozenset({CONNECT_ERROR, ENGINE_DEAD})
 
 
 class OutlierDetector:
@@ -62,6 +66,10 @@ class OutlierDetector:
     def record_timeout(self, endpoint: Endpoint, reason: str) -> bool:
         """`reason`: FIRST_BYTE_TIMEOUT or STREAM_STALL. Ejects at once."""
         return self._eject(endpoint, reason)
+
+    def record_engine_dead(self, endpoint: Endpoint) -> bool:
+        """The engine says its core died (engine_adapter.errors). Ejects at once."""
+        return self._eject(endpoint, ENGINE_DEAD)
 
     def record_failure(self, endpoint: Endpoint) -> bool:
         """A failed answer (5xx, a stream cut mid-way); ejects after enough in a row."""
@@ -148,9 +156,10 @@ class OutlierDetector:
         logger.warning("engine %s back in rotation after its ejection (%s)", endpoint.id, endpoint.ejection_reason)
 
     def lift_after_health_check(self, endpoint: Endpoint) -> None:
-        """A passing active check ends an ejection for a refused connection (the engine is
-        back), not one for a timeout or failed answers: a hung engine passes /health."""
-        if endpoint.ejection_reason == CONNECT_ERROR and endpoint.ejected_until != math.inf:
+        """A passing active check ends an ejection for a refused connection or a dead engine
+        core (the engine is back), not one for a timeout or failed answers: a hung engine
+        core passes /health."""
+        if endpoint.ejection_reason in _LIFTED_BY_HEALTH_CHECKS and endpoint.ejected_until != math.inf:
             timer = self._timers.pop(endpoint.id, None)
             if timer is not None:
                 timer.cancel()

@@ -3,6 +3,7 @@ speculative (or approximate) entries and working-set update for the chosen engin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ class PrefixService:
         self._approximate_ttl_s = approximate_ttl_s
         self._on_tokenize_failure = on_tokenize_failure
         self._failure_logged_at: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def block_size(self) -> int:
@@ -58,9 +60,7 @@ class PrefixService:
         if not self.layout.known:
             return
         tokenizer = self._tokenizers.for_model(request.model)
-        base_model, lora_name = self._registry.base_model(request.model)
-        salt = request.body.get("cache_salt")
-        root = chain_root(base_model, lora_name, salt if isinstance(salt, str) else None)
+        root = self._chain_root(request)
         looked_up: list[tuple[list[RequestChunkKey], dict[EngineId, PrefixMatch]]] = []
 
         def head_is_enough(head_ids: Sequence[int]) -> bool:
@@ -136,9 +136,32 @@ class PrefixService:
     def learn_reported(self, request: RoutingRequest, engine: EngineId, cached_tokens: int) -> None:
         """The engine served `cached_tokens` of this prompt from its cache: it holds that prefix,
         whatever the index thought (the index repairs itself from what engines report)."""
-        keys = request.chunk_keys[: cached_tokens // self.block_size] if self.block_size else []
+        num_chunks = cached_tokens // self.block_size if self.block_size else 0
+        if num_chunks > len(request.chunk_keys) and request.num_prompt_tokens_estimated:
+            # Routed on its head, but the engine holds more (this gateway restarted, or did not
+            # send it there itself): the whole prompt is needed after all. Rare, and after the fact.
+            task = asyncio.get_running_loop().create_task(self._learn_whole(request, engine, num_chunks))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        keys = request.chunk_keys[:num_chunks]
         if keys:
             self.index.add(engine, keys, TIER_REPORTED, ttl_s=self._approximate_ttl_s)
+
+    async def _learn_whole(self, request: RoutingRequest, engine: EngineId, num_chunks: int) -> None:
+        tokenizer = self._tokenizers.for_model(request.model)
+        try:
+            tokens = await tokenizer.prompt_tokens(request.model, request.api_path, request.body)
+        except TokenizationFailed:
+            return
+        if tokens is not None:
+            keys = chunk_keys(tokens.ids, self.block_size, self._chain_root(request))[:num_chunks]
+            self.index.add(engine, keys, TIER_REPORTED, ttl_s=self._approximate_ttl_s)
+
+    def _chain_root(self, request: RoutingRequest) -> int:
+        base_model, lora_name = self._registry.base_model(request.model)
+        salt = request.body.get("cache_salt")
+        return chain_root(base_model, lora_name, salt if isinstance(salt, str) else None)
 
     def match(self, request: RoutingRequest, engine: EngineId) -> PrefixMatch:
         return request.prefix_matches.get(engine) or PrefixMatch()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 
+from engine_adapter.errors import says_engine_dead
 from gateway.config import ProxyConfig
 from gateway.endpoints.outlier import FIRST_BYTE_TIMEOUT, STREAM_STALL, OutlierDetector
 from gateway.endpoints.registry import Endpoint
@@ -158,17 +159,23 @@ class Dispatcher:
             else:
                 if upstream.status_code == 404:
                     upstream = await self._unless_api_missing(request, endpoint, attempt, upstream)
+                dead = False
+                if upstream.status_code == 500:
+                    upstream, dead = await self._engine_dead(endpoint, attempt, upstream)
                 if (
-                    upstream.status_code not in RETRYABLE_STATUSES
+                    (upstream.status_code not in RETRYABLE_STATUSES and not dead)
                     or attempt_no == self._config.max_retries
                     or self._pinned(request, endpoint)
                 ):
                     return self._respond(request, decision, attempt, upstream, started_at, strip_usage)
                 await upstream.aclose()
                 self._ledger.release(attempt)
-                self._outlier.record_failure(endpoint)
+                if dead:
+                    self._outlier.record_engine_dead(endpoint)
+                else:
+                    self._outlier.record_failure(endpoint)
                 last_error = None
-                reason = f"status_{upstream.status_code}"
+                reason = "engine_dead" if dead else f"status_{upstream.status_code}"
             logger.warning("request %s: engine %s failed (%s), retrying", request.request_id, endpoint.id, reason)
             self._metrics.upstream_retries.labels(reason).inc()
             request.excluded.add(endpoint.id)
@@ -225,6 +232,19 @@ class Dispatcher:
                 self._ledger.release(attempt)
                 raise EndpointNotServed(f"The engine serving model `{request.model}` has no {request.api_path} API.")
         return small
+
+    async def _engine_dead(
+        self, endpoint: Endpoint, attempt: Attempt, upstream: UpstreamResponse
+    ) -> tuple[UpstreamResponse, bool]:
+        """A 500 as it is, and whether it says the engine itself is dead (not this request)."""
+        try:
+            small = await read_small(upstream, endpoint)
+        except BaseException:  # GatewayError, or cancelled: the client left
+            self._ledger.release(attempt)
+            raise
+        if small is None:
+            return upstream, False
+        return small, small.header("content-encoding") in ("", "identity") and says_engine_dead(500, small.content)
 
     async def forward_stored(
         self, request: RoutingRequest, method: str, path: str, response_id: str, started_at: float

@@ -291,3 +291,23 @@ def test_an_ejection_for_a_timeout_ends_the_waits_for_that_engines_first_byte() 
         return await waiter
 
     assert asyncio.run(scenario()) < 5
+
+
+def test_an_engine_whose_core_died_is_skipped_but_a_requests_own_500_is_not_retried(fleet: Fleet) -> None:
+    async def dead(request: httpx.Request) -> httpx.Response:
+        # What vLLM 0.32 answers once its engine core died (EngineDeadError).
+        message = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+        return engine_json(500, {"error": {"message": message, "type": "InternalServerError", "code": 500}})
+
+    async def broken_request(request: httpx.Request) -> httpx.Response:
+        return engine_json(500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}})
+
+    fleet.answers["a"] = dead
+    with app_client(fleet) as client:
+        resp = stream(client)
+        assert resp.status_code == 200 and resp.headers["x-gateway-engine"] == "b"
+        assert metric(client, "gateway_engine_ejections_total", engine="a", reason="engine_dead") == 1
+        fleet.answers["b"] = broken_request
+        fleet.calls.clear()
+        resp = stream(client)
+        assert resp.status_code == 500 and fleet.engines_called() == ["b"]

@@ -153,3 +153,24 @@ def test_a_head_found_to_differ_while_serving_turns_heads_off(tiny_model_dir: Pa
     assert tokenizer._heads is not None
     tokenizer._verify_head([1, 2, 3], [1, 2, 4, 4])
     assert tokenizer._heads is None
+
+
+def test_an_engine_reporting_more_than_the_head_teaches_the_whole_prefix(tokenizer: HFPromptTokenizer) -> None:
+    """A gateway that restarted routes a prompt on its head; the engine reports it had most of
+    it cached: the index learns all of that prefix, not just the head."""
+    prefix, index = service(tokenizer)
+    rng = random.Random(13)
+    body = {"model": "m", "prompt": text_of(rng, 2500)}
+    whole = tokenizer.token_ids_sync(COMPLETIONS_PATH, body)
+    assert whole is not None
+    all_keys = chunk_keys(whole, BLOCK_SIZE, chain_root("m", None, None))
+
+    async def scenario() -> int:
+        request = RoutingRequest(model="m", api_path=COMPLETIONS_PATH, body=body, headers={}, request_id="1")
+        await prefix.annotate(request)
+        assert request.num_prompt_tokens_estimated
+        prefix.learn_reported(request, EngineId("a"), cached_tokens=(len(all_keys) - 2) * BLOCK_SIZE)
+        await asyncio.gather(*prefix._tasks)
+        return index.lookup(all_keys)[EngineId("a")].num_chunks
+
+    assert asyncio.run(scenario()) == len(all_keys) - 2
