@@ -60,8 +60,8 @@ def build_app(
     """
     registry = EndpointRegistry.from_config(config.engines)
     if shared is not None:
-        for row, endpoint in enumerate(registry.endpoints):
-            endpoint.shared, endpoint.shared_index = shared, row
+        for endpoint in registry.endpoints:
+            endpoint.shared, endpoint.shared_index = shared, shared.slot(endpoint.id)
     metrics = GatewayMetrics()
     kv = config.kv_index
     layout = KVLayout(kv.block_size)

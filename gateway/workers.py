@@ -2,7 +2,7 @@
 
 The parent (`gateway.cli`) resolves the configuration (local engines started), writes it to a
 file, creates the state file the workers share (gateway.endpoints.shared: each engine's
-in-flight count per worker, drain flags) and a directory for the workers' metrics, then lets
+in-flight count per worker, drain flags, by engine name) and a directory for the workers' metrics, then lets
 uvicorn start N processes on one listening socket; each calls `create_app`.
 
 Each worker is a whole gateway: its own health checks, its own subscription to every engine's
@@ -41,7 +41,7 @@ def worker_environment(config: GatewayConfig) -> Iterator[dict[str, str]]:
         config_path = root / "config.json"
         config_path.write_text(json.dumps(config.model_dump(mode="json")))
         # Twice the workers: a worker uvicorn restarts may start before the old one is reaped.
-        shared = SharedFleetState.create(root / "fleet.state", 2 * config.server.workers, len(config.engines))
+        shared = SharedFleetState.create(root / "fleet.state", rows=2 * config.server.workers)
         metrics_dir = root / "metrics"
         metrics_dir.mkdir()
         env = {CONFIG_ENV: str(config_path), SHARED_ENV: str(shared), METRICS_ENV: str(metrics_dir)}
