@@ -106,7 +106,7 @@ def test_debug_route_explains_without_sending(gateway: GatewayServer) -> None:
     explained = resp.json()
     assert explained["chosen"] == engine
     assert explained["engines"][engine]["matched_chunks_by_tier"][TIER_GPU] > 0
-    assert set(explained["engines"][engine]["scores"]) >= {gateway.app.state.router.scorers[0].scorer.name}
+    assert set(explained["engines"][engine]["scores"]) >= {gateway.app.state.runtime.generation.router.scorers[0].scorer.name}
     assert gateway.metric("gateway_requests_total") == before  # nothing was sent
     assert httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": "x"}).status_code == 401
 
