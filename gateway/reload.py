@@ -87,18 +87,22 @@ class ConfigReloader:
             self._task = None
 
     async def _run(self) -> None:
-        # A change since the running configuration was read (a worker uvicorn restarted
-        # starts from the configuration the gateway started with).
-        await self.reload("start-up", force=False)
+        # First, a change since the running configuration was read (a worker uvicorn
+        # restarted starts from the configuration the gateway started with).
+        trigger = "start-up"
         while True:
+            try:
+                await self.reload(trigger, force=trigger == "SIGHUP")
+            except Exception:  # reloading must outlive any bug
+                logger.exception("configuration reload (%s) failed", trigger)
             interval_s = self._poll_interval_s()
             try:
                 await asyncio.wait_for(self._hangup.wait(), timeout=interval_s if interval_s > 0 else None)
             except asyncio.TimeoutError:
-                await self.reload("file changed", force=False)
+                trigger = "file changed"
             else:
                 self._hangup.clear()
-                await self.reload("SIGHUP", force=True)
+                trigger = "SIGHUP"
 
     async def reload(self, trigger: str, *, force: bool) -> Outcome | None:
         """Read the file and run what it says. Unless `force`, only when its content changed

@@ -279,6 +279,35 @@ def test_an_engine_whose_settings_change_keeps_its_state(fleet: Fleet, tmp_path:
         assert after.kv_capacity_blocks == 99 and after.api_key == "engine-key" and "extra" in after.models
 
 
+def test_new_kv_event_endpoints_are_followed_and_the_cache_known_stays(fleet: Fleet, tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    write(path, [engine("a"), engine("b", kv_events_endpoint="tcp://127.0.0.1:9")])
+    with gateway(fleet, path) as client:
+        gateway_runtime = runtime(client)
+        keys = [RequestChunkKey(k) for k in (21, 22)]
+        client.portal.call(lambda: gateway_runtime.index.add(EngineId("b"), keys, TIER_GPU))
+        before = gateway_runtime.feeds.subscribers["b"]
+        write(path, [engine("a"), engine("b", kv_events_endpoint="tcp://127.0.0.1:10")])
+        assert reload_now(client) == "applied"
+        after = gateway_runtime.feeds.subscribers["b"]
+        assert after is not before and after.source.endpoint == "tcp://127.0.0.1:10"
+        assert gateway_runtime.index.num_chunks(EngineId("b")) == 2  # the same engine, the same cache
+
+
+def test_a_models_tokenizer_setting_changes_live(fleet: Fleet, tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    write(path, [engine("a")])
+    with gateway(fleet, path) as client:
+        tokenizers = runtime(client).tokenizers
+        assert tokenizers is not None and tokenizers.status["m"].source.startswith("local ")
+        write(path, [engine("a")], models=[{"name": "m", "tokenizer": "engine"}])
+        assert reload_now(client) == "applied"
+        wait_until(lambda: tokenizers.status["m"].source == "engine", "the model to be checked with its new setting")
+        tokenized_before = fleet.times_asked("a", "/tokenize")
+        assert complete(client).status_code == 200
+        assert fleet.times_asked("a", "/tokenize") == tokenized_before + 1  # the engine tokenizes now
+
+
 def test_an_engine_with_another_url_is_another_engine(fleet: Fleet, tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     write(path, [engine("a"), engine("b")])
