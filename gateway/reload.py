@@ -1,5 +1,5 @@
 """Configuration reload without a restart: the file is read again when its content changes
-(checked every `server.config_poll_interval_s`; 0: never) and on SIGHUP, and a configuration
+(checked every `server.config_poll_interval_s`; 0: not checked) and on SIGHUP, and a configuration
 that can run replaces the running one (`GatewayRuntime.reconfigure`).
 
 A file that cannot run (unreadable, bad YAML, a bad field, an unknown policy) is refused with
