@@ -1,4 +1,6 @@
-"""`build_app(config)`: wire every component explicitly and own their lifetimes."""
+"""`build_app(config)`: the HTTP application around the running gateway (gateway.runtime),
+which owns every component and its lifetime; with a `config_file`, it follows that file
+(gateway.reload)."""
 
 from __future__ import annotations
 
@@ -13,40 +15,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine_adapter.transfer.nixl import NixlPullTransfer
 from gateway.api.admin import build_admin_router
-from gateway.api.auth import APIKeys
 from gateway.api.debug import build_debug_router
 from gateway.api.openai import build_openai_router
-from gateway.config import ConfigError, GatewayConfig
-from gateway.endpoints.health import HealthChecker
-from gateway.endpoints.outlier import OutlierDetector
-from gateway.proxy.probe import probe_inference
-from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.config import GatewayConfig
+from gateway.config_file import ConfigFile
 from gateway.endpoints.shared import SharedFleetState
 from gateway.errors import GatewayError, error_body, error_response
-from gateway.kvindex.feeds import EventFeeds
-from gateway.kvindex.ingest import IndexIngestor
-from gateway.kvindex.layout import KVLayout
-from gateway.kvindex.memory import InMemoryIndex
-from gateway.kvindex.service import PrefixService
-from gateway.kvindex.working_set import WorkingSetTracker
-from gateway.metrics import GatewayMetrics
-from gateway.proxy.dispatcher import Dispatcher
-from gateway.proxy.transfer import KVTransferRunner
-from gateway.proxy.upstream import build_client
-from gateway.routing.base import ScorerContext
-from gateway.routing.registry import build_scorers, policy_label
-from gateway.routing.cost_model import CostModel
-from gateway.routing.router import Router
-from gateway.routing.ttft import TTFTEstimator
-from gateway.tokenization.engine import EngineTokenizer
-from gateway.tokenization.models import ModelTokenizers
+from gateway.reload import ConfigReloader
+from gateway.runtime import GatewayRuntime
 
 logger = logging.getLogger(__name__)
-
-# How long start-up waits for the tokenizer checks; slower ones finish in the background.
-TOKENIZER_CHECK_TIMEOUT_S = 20.0
 
 
 def build_app(
@@ -54,173 +33,46 @@ def build_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     shared: SharedFleetState | None = None,
+    config_file: ConfigFile | None = None,
+    config_digest: str = "",
 ) -> FastAPI:
     """Build the gateway for `config.engines` (local engines must already be resolved).
 
     `transport` replaces the network for every engine call (tests pass a MockTransport);
-    `shared` is what this worker shares with the others (gateway.workers).
+    `shared` is what this worker shares with the others (gateway.workers); `config_file`, the
+    file `config` was read from (its text's digest: `config_digest`), is followed for changes.
+    Raises ConfigError for a policy that cannot be built.
     """
-    registry = EndpointRegistry.from_config(config.engines)
-    if shared is not None:
-        for row, endpoint in enumerate(registry.endpoints):
-            endpoint.shared, endpoint.shared_index = shared, row
-    metrics = GatewayMetrics()
-    kv = config.kv_index
-    layout = KVLayout(kv.block_size)
-    working_sets = WorkingSetTracker(window_s=kv.working_set_window_s)
-    cost_model = CostModel()
-    estimator = TTFTEstimator(cost_model, layout=layout, registry=registry, transfer_config=config.kv_transfer)
-    context = ScorerContext(
-        session_header=config.routing.session_header,
-        layout=layout,
-        working_sets=working_sets,
-        cost_model=cost_model,
-        ttft_estimator=estimator,
-    )
-    # Built here, not in the lifespan, so a bad policy fails before the server starts.
-    scorers = build_scorers(config.routing, context)
-    router = Router(registry, scorers, policy_label(config.routing))
-    # Tokenize, index and follow the engines' KV events only for a policy that reads prompts.
-    uses_prefix = kv.enabled and any(w.scorer.needs_prompt_tokens and w.weight > 0 for w in scorers)
-    # Transfers are planned by the kv_aware scorer's estimates: without it, none.
-    plans_transfers = (
-        uses_prefix
-        and config.kv_transfer.enabled
-        and any(w.scorer.name == "kv_aware" and w.weight > 0 for w in scorers)
-        and sum(e.kv_transfer for e in config.engines) >= 2
-    )
-    index = InMemoryIndex(capacity_chunks=kv.capacity_chunks)
-    ingestor = IndexIngestor(index, layout, registry.model_of, on_reset=lambda e, r: working_sets.forget(e))
-    tokenizers: ModelTokenizers | None = None  # built with the control client, in the lifespan
-
-    def on_join(endpoint: Endpoint) -> None:
-        """An engine (re)joined: what it says about itself may have changed."""
-        if endpoint.stats is not None and endpoint.stats.block_size is not None:
-            layout.observe(endpoint.id, endpoint.stats.block_size)
-        if tokenizers is not None:
-            tokenizers.engine_joined(endpoint)
-
-    def on_health_change(endpoint: Endpoint) -> None:
-        metrics.engine_healthy.labels(endpoint.id).set(1 if endpoint.healthy else 0)
-        # Out of rotation, an engine is no candidate, so what the index says of it routes
-        # nothing; a blip must not make the gateway forget a cache the engine still has (vLLM
-        # announces no blocks it already holds). A restart (new process start time, event
-        # sequence back to 0) or a gap in its events that cannot be replayed does reset it.
-        if endpoint.healthy:
-            on_join(endpoint)
-
-    def on_restart(endpoint: Endpoint) -> None:
-        ingestor.reset(endpoint.id, "engine restarted")
-        on_join(endpoint)
-
-    def routing_problems() -> list[str]:
-        """Why prefix routing is not (fully) working, for /health; empty when it is."""
-        if not uses_prefix:
-            return []
-        found = layout.problems()
-        if tokenizers is not None:
-            found += [f"model {model}: {problem}" for model, problem in tokenizers.problems().items()]
-        return found
+    runtime = GatewayRuntime(config, transport=transport, shared=shared)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal tokenizers
-        upstream = build_client(config.proxy, transport)
-        control = httpx.AsyncClient(transport=transport)
-        outlier = OutlierDetector(
-            registry, config.outlier_detection, metrics,
-            probe=functools.partial(probe_inference, upstream, timeout_s=config.outlier_detection.probe_timeout_s),
-        )  # fmt: skip
-        checker = HealthChecker(
-            registry, control, config.health, on_health_change, on_restart, on_pass=outlier.lift_after_health_check
-        )
-        prefix = None
-        feeds = EventFeeds(registry, ingestor, replay_timeout_s=kv.replay_timeout_s)
-        if uses_prefix:
-            tokenizers = build_tokenizers(config, control, registry, metrics)
-            prefix = PrefixService(
-                index, tokenizers, registry, working_sets, layout,
-                speculative_ttl_s=kv.speculative_ttl_s, approximate_ttl_s=kv.approximate_ttl_s,
-                on_tokenize_failure=lambda model: metrics.tokenization_failures.labels(model).inc(),
+        await runtime.start()
+        reloader = None
+        if config_file is not None:
+            reloader = ConfigReloader(
+                config_file, runtime, runtime.metrics, digest=config_digest,
+                poll_interval_s=lambda: runtime.generation.config.server.config_poll_interval_s,
             )  # fmt: skip
-        app.state.prefix = prefix
-        app.state.tokenizers = tokenizers
-        app.state.feeds = feeds
-        transfers = None
-        if plans_transfers and prefix is not None:
-            transfers = KVTransferRunner(
-                NixlPullTransfer(control), estimator, registry, prefix, metrics, config.kv_transfer
-            )
-        app.state.transfers = transfers
-        app.state.dispatcher = Dispatcher(
-            router, upstream, outlier, metrics, config.proxy, prefix, cost_model, transfers
-        )
-        app.state.health_checker = checker
-        # Know each engine's models, health and block size before the first request arrives.
-        await checker.check_all(initial=True)
-        for endpoint in registry.endpoints:
-            metrics.engine_healthy.labels(endpoint.id).set(1 if endpoint.healthy else 0)
-            if endpoint.healthy:
-                on_join(endpoint)
-        if uses_prefix and layout.configured is not None and layout.mismatches:
-            if tokenizers is not None:
-                await tokenizers.close()
-            await control.aclose()
-            await upstream.aclose()
-            raise ConfigError(
-                f"kv_index.block_size is {layout.configured}, but "
-                + ", ".join(f"engine {e} uses {size}" for e, size in sorted(layout.mismatches.items()))
-                + ": set it to the engines' --block-size, or leave it unset to read it from them"
-            )
-        checker.start()
-        if uses_prefix:
-            assert tokenizers is not None
-            # Token ids checked against the engines before the first request.
-            await tokenizers.check_all(timeout_s=TOKENIZER_CHECK_TIMEOUT_S)
-            if kv.discover_event_sources:
-                await feeds.discover(control)
-            feeds.start()
+            reloader.start()
+        app.state.reloader = reloader
         try:
             yield
         finally:
-            if tokenizers is not None:
-                await tokenizers.close()
-            await feeds.stop()
-            await checker.stop()
-            await outlier.close()
-            await upstream.aclose()
-            await control.aclose()
-            metrics.close()
+            if reloader is not None:
+                await reloader.stop()
+            await runtime.stop()
 
     app = FastAPI(title="prefix-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.config = config
-    app.state.api_keys = APIKeys(config.server.api_keys)
-    app.state.registry = registry
-    app.state.index = index
-    app.state.ingestor = ingestor
-    app.state.metrics = metrics
-    app.state.router = router
-    app.state.ttft_estimator = estimator
-    app.state.layout = layout
-    app.state.routing_problems = routing_problems
+    # Requests read `runtime.generation` once, when they arrive (gateway.generation.current).
+    app.state.runtime = runtime
+    app.state.metrics = runtime.metrics
     app.include_router(build_openai_router())
     # The operators' API is not part of the API clients are shown (/openapi.json).
     app.include_router(build_admin_router(), include_in_schema=False)
     app.include_router(build_debug_router(), include_in_schema=False)
     install_error_handlers(app)
     return app
-
-
-def build_tokenizers(
-    config: GatewayConfig, client: httpx.AsyncClient, registry: EndpointRegistry, metrics: GatewayMetrics
-) -> ModelTokenizers:
-    # Ask the least loaded engine serving the model: a busy engine's API server answers slowly.
-    engine = EngineTokenizer(client, lambda model: min(registry.candidates(model), key=lambda e: e.load, default=None))
-    return ModelTokenizers(
-        {m.name: m.tokenizer for m in config.models}, engine, registry,
-        offload_min_chars=config.kv_index.tokenize_offload_min_chars, head_chars=config.kv_index.tokenize_head_chars,
-        on_status=lambda model, status: metrics.tokenizer_ready.labels(model).set(1 if status.ok else 0),
-    )  # fmt: skip
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,7 +2,8 @@
 
 With a `local_engines:` section, the gateway first builds the tiny test model (once), starts
 that many CPU vLLM engines and puts them in front of any `engines:` listed; Ctrl-C or SIGTERM
-stops the gateway and then the engines it started.
+stops the gateway and then the engines it started. Editing the file, or SIGHUP, reloads it
+without a restart (gateway.reload).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 
 import uvicorn
 
-from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig, ModelConfig, load_config
+from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig
+from gateway.config_file import ConfigFile
+from gateway.reload import ignore_hangup_until_serving
 
 logger = logging.getLogger("gateway")
 
@@ -61,28 +64,29 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def serve(config: GatewayConfig) -> None:
+def serve(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
+    """Serve `config`, read from `file` (its text's digest: `digest`), which is followed."""
     fleet = None
     # Until uvicorn installs its own handlers, SIGTERM must unwind like Ctrl-C so the
     # engines started so far are stopped.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # SIGHUP reloads the configuration once the gateway serves (gateway.reload); before (the
+    # engines starting) and after (the engines stopping), it must not kill the process.
+    previous_hangup = signal.signal(signal.SIGHUP, ignore_hangup_until_serving)
     try:
         if config.local_engines is not None:
             local, fleet = local_engine_configs(config.local_engines)
-            updates: dict[str, object] = {"engines": local + config.engines}
-            name = config.local_engines.served_model_name
-            if not any(m.name == name for m in config.models):
-                # The gateway tokenizes locally with the very files the engines load.
-                updates["models"] = [*config.models, ModelConfig(name=name, tokenizer=config.local_engines.model_dir)]
-            config = config.model_copy(update=updates)
+            file = file.with_local_engines(local, config.local_engines)
+            config = file.resolve(config)
         logger.info("gateway listening on http://%s:%d/v1 (%d worker%s)", config.server.host, config.server.port,
                     config.server.workers, "s" if config.server.workers > 1 else "")  # fmt: skip
         if config.server.workers > 1:
-            run_workers(config)
+            run_workers(config, file, digest)
         else:
             from gateway.app import build_app
 
-            server = uvicorn.Server(uvicorn.Config(build_app(config), **_server_options(config)))
+            app = build_app(config, config_file=file, config_digest=digest)
+            server = uvicorn.Server(uvicorn.Config(app, **_server_options(config)))
             server.run()
     except KeyboardInterrupt:
         pass
@@ -91,6 +95,7 @@ def serve(config: GatewayConfig) -> None:
         if fleet is not None:
             logger.info("stopping local engines")
             fleet.stop()  # type: ignore[attr-defined]
+        signal.signal(signal.SIGHUP, previous_hangup)
 
 
 def _server_options(config: GatewayConfig) -> dict[str, Any]:
@@ -98,13 +103,21 @@ def _server_options(config: GatewayConfig) -> dict[str, Any]:
             "access_log": config.server.access_log, "timeout_graceful_shutdown": 10}  # fmt: skip
 
 
-def run_workers(config: GatewayConfig) -> None:
+def run_workers(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
     """`server.workers` processes on one socket (gateway.workers), until Ctrl-C or SIGTERM."""
-    from gateway.workers import worker_environment
+    from gateway.workers import run_supervisor, worker_environment
 
-    with worker_environment(config):
-        uvicorn.run("gateway.workers:create_app", factory=True, workers=config.server.workers,
-                    **_server_options(config))  # fmt: skip
+    with worker_environment(config, file, digest):
+        run_supervisor(uvicorn.Config("gateway.workers:create_app", factory=True, workers=config.server.workers,
+                                      **_server_options(config)))  # fmt: skip
+
+
+def configure_logging() -> None:
+    """The gateway's log lines, in this process and in each worker (gateway.workers)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: one line per proxied request is the access
+    # log's job, not the client library's.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/local.yaml", help="YAML configuration file")
     parser.add_argument("--port", type=int, help="override server.port")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every upstream request at INFO: one line per proxied request is the access
-    # log's job, not the client library's.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
+    file = ConfigFile(path=args.config, port=args.port)
     try:
-        config = load_config(args.config)
+        # The policy is built once here too: an unknown one stops the start-up before any
+        # engine is started for it, with the same one-line message as any bad field.
+        config, digest = file.read()
+        serve(config, file, digest)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    if args.port is not None:
-        config.server.port = args.port
-    serve(config)
     return 0

@@ -38,6 +38,9 @@ class ServerConfig(_Strict):
     access_log: bool = False
     # Worker processes serving the port, one per core to use (gateway.workers).
     workers: int = Field(default=1, ge=1, le=64)
+    # How often the configuration file is checked for changes, which are then applied without
+    # a restart (gateway.reload); 0: only on SIGHUP.
+    config_poll_interval_s: float = Field(default=2.0, ge=0)
 
     @field_validator("admin_token")
     @classmethod
@@ -299,14 +302,22 @@ def with_environment(data: Any, environ: Mapping[str, str] | None = None) -> Any
     return {**data, "server": server}
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    path = Path(path)
+def read_config_text(path: str | Path) -> str:
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ConfigError(f"cannot read configuration {path}: {reason}") from None
+
+
+def parse_config_text(text: str, source: str) -> GatewayConfig:
+    """The YAML `text` of the file `source`, with the environment's secrets (`with_environment`)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {path}: {exc}") from None
-    return parse_config(with_environment(data), str(path))
+        raise ConfigError(f"invalid YAML in {source}: {exc}") from None
+    return parse_config(with_environment(data), source)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    return parse_config_text(read_config_text(path), str(path))

@@ -118,6 +118,12 @@ class GatewayMetrics:
             ["kind"], registry=r,
         )  # fmt: skip
 
+        # Configuration reloads (gateway.reload), counted by every worker process that reads the file.
+        self.config_reloads = Counter(
+            "gateway_config_reloads", "Configuration reloads by result: applied, unchanged (nothing to change), "
+            "refused (invalid; the running configuration stays).", ["result"], registry=r,
+        )  # fmt: skip
+
     def close(self) -> None:
         """This process is ending: its live gauges leave the workers' sums."""
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:

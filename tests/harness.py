@@ -147,6 +147,34 @@ class GatewayProcess:
     def metric(self, name: str, **labels: str) -> float:
         return metric(self.url, name, **labels)
 
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace the file the gateway runs from (listening where it does), in one step, as
+        an operator's deployment tool would (a rename: never a half-written file)."""
+        assert self._config_file is not None
+        self.config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": self.port}}
+        staged = self._config_file.with_suffix(".staged")
+        staged.write_text(yaml.safe_dump(self.config))
+        os.replace(staged, self._config_file)
+
+    def write_text(self, text: str) -> None:
+        """The file's content as it is (an invalid file, say), replaced in one step."""
+        assert self._config_file is not None
+        staged = self._config_file.with_suffix(".staged")
+        staged.write_text(text)
+        os.replace(staged, self._config_file)
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def send_signal(self, sig: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(sig)
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def start(self, timeout_s: float = 60.0) -> GatewayProcess:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(suffix=".yaml")

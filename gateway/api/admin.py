@@ -10,12 +10,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.endpoints.registry import Endpoint
 from gateway.errors import ModelNotFound, Unauthorized
+from gateway.generation import current
 
 
 def require_admin(request: Request) -> None:
-    token = request.app.state.config.server.admin_token
+    token = current(request).config.server.admin_token
     if token is None:
         raise Unauthorized("The admin API is disabled: set server.admin_token in the configuration.")
     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -49,10 +50,10 @@ def build_admin_router() -> APIRouter:
     async def health(request: Request) -> JSONResponse:
         """ok; degraded (serving, but prefix routing is not fully working: `problems` says
         why); unavailable (no engine to serve, 503)."""
-        registry: EndpointRegistry = request.app.state.registry
+        registry = current(request).registry
         now = time.monotonic()
         available = sum(1 for e in registry.endpoints if e.available(now))
-        problems: list[str] = request.app.state.routing_problems()
+        problems = request.app.state.runtime.routing_problems()
         status = "unavailable" if not available else ("degraded" if problems else "ok")
         body = {"status": status, "engines_available": available, "engines_total": len(registry.endpoints),
                 "problems": problems}  # fmt: skip
@@ -66,7 +67,7 @@ def build_admin_router() -> APIRouter:
     async def list_engines(request: Request) -> JSONResponse:
         require_admin(request)
         now = time.monotonic()
-        return JSONResponse({"engines": [endpoint_state(e, now) for e in request.app.state.registry.endpoints]})
+        return JSONResponse({"engines": [endpoint_state(e, now) for e in current(request).registry.endpoints]})
 
     @router.post("/admin/engines/{engine_id}/drain")
     async def drain(engine_id: str, request: Request) -> JSONResponse:
@@ -81,7 +82,7 @@ def build_admin_router() -> APIRouter:
 
 def _set_draining(request: Request, engine_id: str, draining: bool) -> JSONResponse:
     require_admin(request)
-    endpoint = request.app.state.registry.get(engine_id)
+    endpoint = current(request).registry.get(engine_id)
     if endpoint is None:
         raise ModelNotFound(f"No engine named `{engine_id}`.", param="engine_id")
     endpoint.set_draining(draining)

@@ -11,9 +11,8 @@ from fastapi.responses import JSONResponse
 from gateway.api.admin import require_admin
 from gateway.api.openai import parse_request, read_body, routing_request_from
 from gateway.api.validation import parse_json_object
-from gateway.kvindex.service import PrefixService
-from gateway.routing.router import Router
-from gateway.routing.ttft import TTFTEstimate, TTFTEstimator
+from gateway.generation import current
+from gateway.routing.ttft import TTFTEstimate
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH
 
 
@@ -22,23 +21,24 @@ def build_debug_router() -> APIRouter:
 
     @router.post("/debug/route")
     async def explain_route(request: Request) -> JSONResponse:
+        generation = current(request)
         require_admin(request)
-        body = await read_body(request, request.app.state.config.proxy.max_body_bytes)
+        body = await read_body(request, generation.config.proxy.max_body_bytes)
         data = parse_json_object(body)
         # The body says which API it is for: chat has messages, completions a prompt.
         api_path = request.query_params.get("api") or (CHAT_PATH if "messages" in data else COMPLETIONS_PATH)
-        data = parse_request(body, api_path, allow_chat_templates=request.app.state.config.proxy.allow_client_chat_templates)
+        data = parse_request(body, api_path, allow_chat_templates=generation.config.proxy.allow_client_chat_templates)
         routing_request = routing_request_from(request, data, api_path)
         started = time.perf_counter()
-        prefix: PrefixService | None = request.app.state.prefix
-        router_: Router = request.app.state.router
+        prefix = generation.prefix
+        router_ = generation.router
         router_.candidates(routing_request)  # unknown model: 404 before tokenizing
         if prefix is not None:
             await prefix.annotate(routing_request)
         decision = router_.evaluate(routing_request)
         # Seconds to first token per engine, recomputing or after a KV transfer, as kv_aware
         # weighs them (shown whatever the policy).
-        estimator: TTFTEstimator = request.app.state.ttft_estimator
+        estimator = generation.estimator
         candidates = router_.candidates(routing_request)
         estimates = {e.id: estimator.estimate(routing_request, e) for e in candidates}
         engines: dict[str, Any] = {}

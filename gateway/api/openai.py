@@ -21,8 +21,8 @@ from starlette.routing import Route
 from gateway.api.validation import check_request, parse_json_object
 from gateway.endpoints.registry import EndpointRegistry
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.generation import current
 from gateway.metrics import GatewayMetrics
-from gateway.proxy.dispatcher import Dispatcher
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSE_CANCEL_ROUTE, RESPONSE_ROUTE, RESPONSES_PATH
 from gateway.types import RoutingRequest
 
@@ -134,15 +134,16 @@ def build_openai_router() -> APIRouter:
 
     async def proxied(request: Request) -> Any:
         started_at = time.perf_counter()
-        request.app.state.api_keys.check(request)
-        dispatcher: Dispatcher = request.app.state.dispatcher
-        body = await read_body(request, request.app.state.config.proxy.max_body_bytes)
+        generation = current(request)
+        generation.api_keys.check(request)
+        proxy = generation.config.proxy
+        body = await read_body(request, proxy.max_body_bytes)
         api_path = request.url.path
         data = parse_request(body, api_path, require_model=api_path not in MODEL_OPTIONAL_ROUTES,
-                             allow_chat_templates=request.app.state.config.proxy.allow_client_chat_templates)  # fmt: skip
-        model = data["model"] if data.get("model") is not None else implied_model(request.app.state.registry)
+                             allow_chat_templates=proxy.allow_client_chat_templates)  # fmt: skip
+        model = data["model"] if data.get("model") is not None else implied_model(generation.registry)
         routing_request = routing_request_from(request, data, api_path, model)
-        return await until_client_leaves(request, dispatcher.dispatch(routing_request, body, started_at))
+        return await until_client_leaves(request, generation.dispatcher.dispatch(routing_request, body, started_at))
 
     for path in (*PROXIED_ROUTES, *PASSTHROUGH_PATHS):
         # Plain Starlette routes: FastAPI's per-request dependency and validation machinery
@@ -152,8 +153,8 @@ def build_openai_router() -> APIRouter:
     async def stored_response(request: Request, response_id: str) -> Any:
         """A stored Responses API response: to the engine that has it (Dispatcher.forward_stored)."""
         started_at = time.perf_counter()
-        request.app.state.api_keys.check(request)
-        dispatcher: Dispatcher = request.app.state.dispatcher
+        generation = current(request)
+        generation.api_keys.check(request)
         route: str = request.scope["route"].path
         path = route.replace("{response_id}", quote(response_id, safe=""))
         if request.url.query:
@@ -167,7 +168,7 @@ def build_openai_router() -> APIRouter:
             stream=request.query_params.get("stream", "").lower() == "true",
         )
         return await until_client_leaves(
-            request, dispatcher.forward_stored(routing_request, request.method, path, response_id, started_at)
+            request, generation.dispatcher.forward_stored(routing_request, request.method, path, response_id, started_at)
         )
 
     router.add_api_route(RESPONSE_ROUTE, stored_response, methods=["GET"])
@@ -175,7 +176,8 @@ def build_openai_router() -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
-        request.app.state.api_keys.check(request)
-        return JSONResponse({"object": "list", "data": request.app.state.registry.model_cards()})
+        generation = current(request)
+        generation.api_keys.check(request)
+        return JSONResponse({"object": "list", "data": generation.registry.model_cards()})
 
     return router

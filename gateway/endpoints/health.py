@@ -41,6 +41,12 @@ class HealthChecker:
         self._on_pass = on_pass
         self._task: asyncio.Task[None] | None = None
 
+    def watch(self, registry: EndpointRegistry, config: HealthConfig) -> None:
+        """A reload: these engines and settings from the next round on. An engine no longer
+        in `registry` is checked no more (a round under way finishes its check)."""
+        self._registry = registry
+        self._config = config
+
     async def check_all(self, *, initial: bool = False) -> None:
         """`initial`: the round before serving, where one failure is enough to start an
         engine out of rotation (nothing is known about it yet)."""

@@ -30,7 +30,7 @@ from gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger(__name__)
 
-Probe = Callable[[Endpoint], Awaitable[bool]]
+Probe = Callable[[Endpoint, float], Awaitable[bool]]  # (engine, timeout_s) -> it served
 # Reasons an engine is ejected at once; the first two mean it is hung, not refusing.
 CONNECT_ERROR = "connect_error"
 FIRST_BYTE_TIMEOUT = "first_byte_timeout"
@@ -58,6 +58,11 @@ class OutlierDetector:
         self._probe = probe
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def reconfigure(self, registry: EndpointRegistry, config: OutlierDetectionConfig) -> None:
+        """A configuration reload: its engines and settings from now on."""
+        self._registry = registry
+        self._config = config
 
     def record_connect_failure(self, endpoint: Endpoint) -> bool:
         """Eject `endpoint`; returns False when the ejection cap keeps it in rotation."""
@@ -134,7 +139,7 @@ class OutlierDetector:
     async def _probe_then_decide(self, endpoint: Endpoint) -> None:
         assert self._probe is not None
         try:
-            ok = await self._probe(endpoint)
+            ok = await self._probe(endpoint, self._config.probe_timeout_s)
         except Exception:  # a probe that breaks must not leave the engine out for good
             logger.exception("probe of engine %s failed", endpoint.id)
             ok = False

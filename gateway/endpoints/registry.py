@@ -49,9 +49,35 @@ class Endpoint:
     consecutive_errors: int = 0  # failed answers in a row
     # Requests waiting for this engine's first byte: an ejection for a timeout ends the waits.
     first_byte_waits: set[asyncio.Timeout] = field(default_factory=set)
-    # With several worker processes: their shared view of this engine (row `shared_index`).
+    # With several worker processes: their shared view of this engine (its column `shared_index`).
     shared: SharedFleetState | None = None
     shared_index: int = -1
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Endpoint:
+        return cls(
+            id=EngineId(config.name),
+            url=config.url,
+            kv_events_endpoint=config.kv_events_endpoint,
+            kv_events_replay_endpoint=config.kv_events_replay_endpoint,
+            kv_capacity_blocks=config.kv_capacity_blocks,
+            api_key=config.api_key,
+            kv_transfer=config.kv_transfer,
+            configured_models=frozenset(config.models),
+        )
+
+    def reconfigure(self, running: EngineConfig, new: EngineConfig) -> bool:
+        """A reload changed this engine's settings (same name and url: the same engine, whose
+        health, load and cache stay known). True when its KV-event endpoints changed."""
+        self.kv_capacity_blocks = new.kv_capacity_blocks
+        self.api_key = new.api_key
+        self.kv_transfer = new.kv_transfer
+        self.configured_models = frozenset(new.models)
+        events = (new.kv_events_endpoint, new.kv_events_replay_endpoint)
+        if events == (running.kv_events_endpoint, running.kv_events_replay_endpoint):
+            return False  # what discovery found for unset ones stays
+        self.kv_events_endpoint, self.kv_events_replay_endpoint = events
+        return True
 
     @property
     def models(self) -> frozenset[str]:
@@ -71,6 +97,13 @@ class Endpoint:
         self.in_flight += delta
         if self.shared is not None:
             self.shared.set_in_flight(self.shared_index, self.in_flight)
+
+    def leave_shared(self) -> None:
+        """It left this worker's configuration (a reload): the requests to it still under way
+        are no longer counted in its column, which a later engine of that name may take."""
+        if self.shared is not None:
+            self.shared.set_in_flight(self.shared_index, 0)
+            self.shared = None
 
     @property
     def total_in_flight(self) -> int:
@@ -105,21 +138,7 @@ class EndpointRegistry:
 
     @classmethod
     def from_config(cls, engines: Iterable[EngineConfig]) -> EndpointRegistry:
-        return cls(
-            [
-                Endpoint(
-                    id=EngineId(e.name),
-                    url=e.url,
-                    kv_events_endpoint=e.kv_events_endpoint,
-                    kv_events_replay_endpoint=e.kv_events_replay_endpoint,
-                    kv_capacity_blocks=e.kv_capacity_blocks,
-                    api_key=e.api_key,
-                    kv_transfer=e.kv_transfer,
-                    configured_models=frozenset(e.models),
-                )
-                for e in engines
-            ]
-        )
+        return cls([Endpoint.from_config(e) for e in engines])
 
     def get(self, engine_id: str) -> Endpoint | None:
         for endpoint in self.endpoints:

@@ -68,6 +68,13 @@ class IndexIngestor:
         if self._on_reset is not None:
             self._on_reset(engine, reason)
 
+    def release(self, engine_id: str) -> list[RequestChunkKey]:
+        """Forget `engine` (it left the configuration) and return the gateway keys of the blocks
+        its events stored, for the index to drop (gateway.kvindex.removal). O(its blocks)."""
+        engine = EngineId(engine_id)
+        self._tiers_holding.pop(engine, None)
+        return list(self._keys.pop(engine, {}).values())
+
     def known_blocks(self, engine: EngineId) -> int:
         return len(self._keys.get(engine, {}))
 

@@ -52,5 +52,6 @@ class WorkingSetTracker:
         last_used = recent.get(key)
         return last_used is not None and last_used >= self._clock() - self._window_s
 
-    def forget(self, engine: EngineId) -> None:
-        self._recent.pop(engine, None)
+    def forget(self, engine: EngineId) -> list[RequestChunkKey]:
+        """Drop the engine's working set; returns the keys it had (routed there lately)."""
+        return list(self._recent.pop(engine, {}))

@@ -72,6 +72,11 @@ class UpstreamClient(Protocol):
         UpstreamTimeout when the engine did not answer in time, UpstreamError otherwise."""
         ...
 
+    def with_config(self, config: ProxyConfig) -> UpstreamClient:
+        """A client with `config`'s timeouts on this one's connections (a reload): requests
+        it opens use them, those already open keep theirs. Closing it closes both."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -207,32 +212,46 @@ def _find_header(raw: list[tuple[bytes, bytes]], name: str) -> str:
 # -- aiohttp ------------------------------------------------------------------------------
 
 
-class AiohttpUpstream:
-    def __init__(self, config: ProxyConfig) -> None:
-        self._config = config
+class _AiohttpPool:
+    """One aiohttp session (its connection pool), shared by a client and its reconfigured copies."""
+
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
         # Created on first use, inside the server's event loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 # No cap on connections: streams are long-lived and the engines queue.
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._config.connect_timeout_s, sock_read=self._config.read_timeout_s
-                ),
                 # The body passes through as the engine encoded it.
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             )  # fmt: skip
         return self._session
 
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class AiohttpUpstream:
+    def __init__(self, config: ProxyConfig, pool: _AiohttpPool | None = None) -> None:
+        self._pool = pool or _AiohttpPool()
+        # Per request, so that a reload's timeouts apply to the requests opened after it.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s,
+                                              sock_read=config.read_timeout_s)  # fmt: skip
+
+    def with_config(self, config: ProxyConfig) -> AiohttpUpstream:
+        return AiohttpUpstream(config, self._pool)
+
     async def open(
         self, endpoint: Endpoint, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> UpstreamResponse:
-        session = self._get_session()
+        session = self._pool.session()
         try:
-            response = await session.request(method, f"{endpoint.url}{path}", headers=dict(headers), data=body or None)
+            response = await session.request(method, f"{endpoint.url}{path}", headers=dict(headers), data=body or None,
+                                             timeout=self._timeout)  # fmt: skip
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamConnectError(f"engine {endpoint.id} did not accept the connection in time") from exc
         except aiohttp.ClientConnectorError as exc:
@@ -247,8 +266,7 @@ class AiohttpUpstream:
         return _AiohttpResponse(response, endpoint)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._pool.close()
 
 
 class _AiohttpResponse:
@@ -286,16 +304,22 @@ class _AiohttpResponse:
 
 
 class HttpxUpstream:
-    def __init__(self, config: ProxyConfig, transport: httpx.AsyncBaseTransport) -> None:
-        timeout = httpx.Timeout(
+    def __init__(self, config: ProxyConfig, transport: httpx.AsyncBaseTransport,
+                 client: httpx.AsyncClient | None = None) -> None:  # fmt: skip
+        self._transport = transport
+        self._timeout = httpx.Timeout(
             connect=config.connect_timeout_s, read=config.read_timeout_s, write=config.read_timeout_s, pool=None
         )
-        self._client = httpx.AsyncClient(timeout=timeout, transport=transport)
+        self._client = client or httpx.AsyncClient(transport=transport)
+
+    def with_config(self, config: ProxyConfig) -> HttpxUpstream:
+        return HttpxUpstream(config, self._transport, self._client)
 
     async def open(
         self, endpoint: Endpoint, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> UpstreamResponse:
-        request = self._client.build_request(method, f"{endpoint.url}{path}", headers=headers, content=body)
+        request = self._client.build_request(method, f"{endpoint.url}{path}", headers=headers, content=body,
+                                             timeout=self._timeout)  # fmt: skip
         try:
             return _HttpxResponse(await self._client.send(request, stream=True), endpoint)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from gateway.config import ConfigError, RoutingConfig, ScorerConfig, format_validation_error
+from gateway.config import ConfigError, RoutingConfig, ScorerConfig
 from gateway.routing import scorers as builtin_scorers
 from gateway.routing.base import SCORERS, Scorer, ScorerContext
 
@@ -66,9 +66,18 @@ def build_scorers(config: RoutingConfig, context: ScorerContext) -> list[Weighte
         try:
             params = cls.Params.model_validate(entry.params)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, f"{where}.{i} ({entry.name})")) from None
+            # One line, each field by its dotted path (routing.scorers.0.min_match_tokens).
+            raise ConfigError("; ".join(
+                f"{where}.{i}.{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors()
+            )) from None  # fmt: skip
         built.append(WeightedScorer(cls(params, context), entry.weight))
     return built
+
+
+def check_routing(config: RoutingConfig) -> None:
+    """ConfigError naming the field when the policy cannot be built (unknown preset or scorer,
+    bad scorer parameters): for checking a configuration before anything is started for it."""
+    build_scorers(config, ScorerContext())
 
 
 def policy_label(config: RoutingConfig) -> str:

@@ -102,6 +102,20 @@ class ModelTokenizers:
         self._checks[model] = task
         return task
 
+    def reconfigure(self, settings: Mapping[str, str], registry: EndpointRegistry) -> None:
+        """A reload: these engines, and these `models[].tokenizer` settings. A model whose
+        setting changed is checked again; until the check proves its tokenizer, the engines
+        tokenize for it (correct, one extra hop)."""
+        self._registry = registry
+        changed = {m for m in {*self._settings, *settings} if self._settings.get(m, AUTO) != settings.get(m, AUTO)}
+        self._settings = dict(settings)
+        for model in sorted(changed):
+            running = self._checks.pop(model, None)
+            if running is not None:
+                running.cancel()  # it checks the old setting
+            self._use_local.pop(model, None)
+            self.schedule_check(model)
+
     def engine_joined(self, endpoint: Endpoint) -> None:
         """An engine (re)joined, maybe restarted with another tokenizer or flags: check again."""
         self._engine.forget(endpoint.id)

@@ -20,12 +20,21 @@ from tests.harness import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_bad_config_exits_with_a_clear_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"engines": [{"name": "e", "url": "nowhere"}]}, "engines.0.url"),
+        ({"engines": [{"name": "e", "url": "http://e"}], "routing": {"policy": "fastest"}}, "routing.policy"),
+        ({"engines": [{"name": "e", "url": "http://e"}], "routing": {"scorers": [{"name": "magic"}]}},
+         "routing.scorers.0.name"),
+    ],
+)  # fmt: skip
+def test_bad_config_exits_with_a_clear_message(tmp_path: Path, config: dict[str, object], named: str) -> None:
     path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump({"engines": [{"name": "e", "url": "nowhere"}]}))
+    path.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "gateway", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "engines.0.url" in result.stderr and "Traceback" not in result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr
 
 
 def test_local_engines_start_serve_and_stop_on_sigterm(tmp_path: Path, tiny_model_dir: Path) -> None:

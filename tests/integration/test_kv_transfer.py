@@ -163,7 +163,7 @@ def test_holder_dying_mid_transfer_still_answers_by_recomputing(
         "cache_salt": "expected"}, timeout=60).json()["choices"][0]["text"]  # fmt: skip
 
     # Kill the holder right after it has prepared its blocks, before the target reads them.
-    nixl = gateway.app.state.transfers._transfer
+    nixl = gateway.app.state.runtime.generation.transfers._transfer
     prepare = nixl.prepare
 
     async def prepare_then_die(*args: Any, **kwargs: Any) -> Any:

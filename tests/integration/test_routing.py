@@ -153,7 +153,7 @@ def test_killed_engine_fails_over(engine_fleet: EngineFleet, engine_configs: lis
     survivor = engine_fleet.engines[1].spec.name
     with GatewayServer(config) as gateway:
         # Both engines passed the start-up check, so the first request really tries the victim.
-        assert all(e.available() for e in gateway.app.state.registry.endpoints)
+        assert all(e.available() for e in gateway.app.state.runtime.registry.endpoints)
         victim.kill()
         try:
             client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=30)

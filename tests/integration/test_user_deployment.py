@@ -192,14 +192,14 @@ def test_health_is_ok_and_what_the_yaml_left_out_was_found(deployment: tuple[str
     name, gateway = deployment
     health = httpx.get(f"{gateway.url}/health").json()
     assert health["status"] == "ok" and health["problems"] == [], health
-    assert gateway.app.state.layout.block_size == BLOCK_SIZE  # from the engines' metrics
+    assert gateway.app.state.runtime.layout.block_size == BLOCK_SIZE  # from the engines' metrics
     assert gateway.config.routing.policy in ("prefix", "kv_aware")
-    status = gateway.app.state.tokenizers.status[MODEL_NAME]
+    status = gateway.app.state.runtime.tokenizers.status[MODEL_NAME]
     # Where the gateway can read the model's files (the engines' `root`), it tokenizes locally.
     assert status.ok and status.source.startswith("engine" if name == "engine" else "local")
     assert gateway.metric("gateway_tokenizer_ready", model=MODEL_NAME) == 1
     # Every engine's KV events are followed, found through /kv_event_sources where not listed.
-    assert set(gateway.app.state.feeds.subscribers) == {"engine-0", "engine-1"}
+    assert set(gateway.app.state.runtime.feeds.subscribers) == {"engine-0", "engine-1"}
 
 
 @pytest.mark.parametrize("index", range(len(CHATS)))
@@ -221,7 +221,7 @@ def test_completion_token_ids_equal_the_engines(deployment: tuple[str, GatewaySe
 
 
 def check_token_ids(gateway: GatewayServer, path: str, body: dict[str, Any], expected: list[int]) -> None:
-    tokenizer = gateway.app.state.tokenizers.for_model(MODEL_NAME)
+    tokenizer = gateway.app.state.runtime.tokenizers.for_model(MODEL_NAME)
     if isinstance(tokenizer, HFPromptTokenizer):
         assert tokenizer.token_ids_sync(path, body) == expected
     # Through the request path, whatever tokenizes: the gateway's count is the engine's.

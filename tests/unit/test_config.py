@@ -3,7 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
+from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.routing.base import ScorerContext
 from gateway.routing.registry import build_scorers
@@ -55,8 +57,31 @@ def test_scorer_parameters_are_validated() -> None:
     config = parse_config(
         {"engines": [ENGINE], "routing": {"scorers": [{"name": "least_loaded", "kv_cache_weight": -2}]}}
     )
-    with pytest.raises(ConfigError, match="kv_cache_weight"):
+    with pytest.raises(ConfigError, match=r"^routing.scorers.0.kv_cache_weight: Input should be greater") as info:
         build_scorers(config.routing, ScorerContext())
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("routing", "named"),
+    [
+        ({"policy": "fastest"}, "routing.policy: unknown preset 'fastest'"),
+        ({"scorers": [{"name": "magic"}]}, "routing.scorers.0.name: unknown scorer 'magic'"),
+        ({"scorers": [{"name": "prefix", "min_match_tokens": -3}]}, "routing.scorers.0.min_match_tokens"),
+    ],
+)
+def test_a_policy_that_cannot_be_built_stops_start_up_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], routing: dict[str, object], named: str
+) -> None:
+    """Before anything starts for it: not even the local engines."""
+    path = tmp_path / "gateway.yaml"
+    model_dir = tmp_path / "model"
+    path.write_text(yaml.safe_dump({"local_engines": {"count": 1, "model_dir": str(model_dir)}, "routing": routing}))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"invalid configuration in {path}: {named}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not model_dir.exists()
 
 
 def test_yaml_errors_are_clear(tmp_path: Path) -> None:

@@ -229,7 +229,7 @@ def test_an_ejection_ends_with_a_probe_and_a_failed_probe_doubles_it() -> None:
         seen: list[tuple[str, float]] = []
         probed = asyncio.Event()
 
-        async def probe(endpoint: Endpoint) -> bool:
+        async def probe(endpoint: Endpoint, timeout_s: float) -> bool:
             # Half-open: out of rotation while the probe runs.
             seen.append(("probing", endpoint.ejected_until))
             ok = outcomes.pop(0)

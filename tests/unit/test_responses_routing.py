@@ -197,7 +197,7 @@ def test_pinned_request_is_not_retried_on_other_engines(client: TestClient, engi
 def test_pinned_engine_out_of_rotation_routes_normally(client: TestClient, engines: FakeEngines) -> None:
     first = create(client)
     owner = first.headers["x-gateway-engine"]
-    endpoint = client.app.state.registry.get(owner)  # type: ignore[attr-defined]
+    endpoint = client.app.state.runtime.registry.get(owner)  # type: ignore[attr-defined]
     endpoint.draining = True
     resp = create(client, previous=first.json()["id"])
     assert resp.headers["x-gateway-engine"] != owner
@@ -257,7 +257,7 @@ def test_id_no_engine_holds_is_an_openai_shaped_404(client: TestClient, engines:
 def test_owner_out_of_reach_is_503(client: TestClient, engines: FakeEngines) -> None:
     first = create(client)
     owner = first.headers["x-gateway-engine"]
-    client.app.state.registry.get(owner).healthy = False  # type: ignore[attr-defined]
+    client.app.state.runtime.registry.get(owner).healthy = False  # type: ignore[attr-defined]
     resp = client.get(f"/v1/responses/{first.json()['id']}")
     assert resp.status_code == 503
     assert resp.json()["error"]["code"] == "no_healthy_engine"
@@ -281,7 +281,7 @@ def test_every_passthrough_path_reaches_an_engine_of_the_model(path: str) -> Non
 
 def test_passthrough_is_not_tokenized_but_responses_are(engines: FakeEngines) -> None:
     with make_client(engines, routing={"policy": "prefix"}) as client:
-        prefix = client.app.state.prefix  # type: ignore[attr-defined]
+        prefix = client.app.state.runtime.generation.prefix  # type: ignore[attr-defined]
         annotated: list[str] = []
         original = prefix.annotate
 

@@ -34,8 +34,8 @@ def test_with_no_tokenizer_configured_the_models_own_files_are_used_once_they_ma
     with gateway(engines) as client:
         assert client.get("/health").json() == {"status": "ok", "engines_available": 2, "engines_total": 2,
                                                 "problems": []}  # fmt: skip
-        assert client.app.state.layout.block_size == 32  # type: ignore[attr-defined]  # from the engines
-        assert client.app.state.tokenizers.status["m"].source.startswith("local ")  # type: ignore[attr-defined]
+        assert client.app.state.runtime.layout.block_size == 32  # type: ignore[attr-defined]  # from the engines
+        assert client.app.state.runtime.tokenizers.status["m"].source.startswith("local ")  # type: ignore[attr-defined]
         assert metric(client, "gateway_tokenizer_ready", "m") == 1
         checked = engines.asked("/tokenize")
         assert checked == len(PROBES)  # the check, and nothing per request from now on
@@ -85,7 +85,7 @@ def test_policies_that_need_no_prompt_never_tokenize(engines: Engines) -> None:
             resp = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 1,
                                                              "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
             assert resp.status_code == 200
-        assert client.app.state.tokenizers is None  # type: ignore[attr-defined]
+        assert client.app.state.runtime.tokenizers is None  # type: ignore[attr-defined]
     assert engines.asked("/tokenize") == 0 and not any(p.endswith("/render") for p in engines.paths)
 
 
@@ -107,10 +107,10 @@ def test_a_configured_block_size_the_engines_do_not_use_stops_start_up(engines: 
 def test_an_engine_with_another_block_size_is_reported(engines: Engines) -> None:
     with gateway(engines) as client:
         engines.block_size = 64
-        endpoint = client.app.state.registry.get("b")  # type: ignore[attr-defined]
-        client.portal.call(client.app.state.health_checker.check, endpoint)  # type: ignore[union-attr,attr-defined]
+        endpoint = client.app.state.runtime.registry.get("b")  # type: ignore[attr-defined]
+        client.portal.call(client.app.state.runtime.checker.check, endpoint)  # type: ignore[union-attr,attr-defined]
         endpoint.healthy = False  # a rejoin: the engine restarted with other flags
-        client.portal.call(client.app.state.health_checker.check, endpoint)  # type: ignore[union-attr,attr-defined]
+        client.portal.call(client.app.state.runtime.checker.check, endpoint)  # type: ignore[union-attr,attr-defined]
         health = client.get("/health").json()
         assert health["status"] == "degraded"
         assert health["problems"] == ["engine b uses KV block size 64, the index 32"]
