@@ -36,7 +36,6 @@ from gateway.kvindex.feeds import EventFeeds
 from gateway.kvindex.ingest import IndexIngestor
 from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.memory import InMemoryIndex
-from gateway.kvindex.removal import drop_engine
 from gateway.kvindex.service import PrefixService
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.metrics import GatewayMetrics
@@ -148,6 +147,7 @@ class GatewayRuntime:
         if self.tokenizers is not None:
             await self.tokenizers.close()
         await self.feeds.stop()
+        await self.ingestor.drops.close()
         await self.checker.stop()
         await self.outlier.close()
         await self.upstream.aclose()
@@ -211,7 +211,8 @@ class GatewayRuntime:
             self.metrics.engine_healthy.remove(engine)
             self.layout.mismatches.pop(engine, None)
             # In-flight requests to it finish on their own; what they add to the index expires.
-            await drop_engine(self.index, engine, [*self.ingestor.release(engine), *self.working_sets.forget(engine)])
+            self.ingestor.drops.drop(engine, [*self.ingestor.release(engine), *self.working_sets.forget(engine)])
+            await self.ingestor.drops.wait(engine)
         for endpoint in events_changed:
             await self.feeds.unfollow(endpoint.id)
         for endpoint in joining:
@@ -323,7 +324,8 @@ class GatewayRuntime:
             self._on_join(endpoint)
 
     def _on_index_reset(self, engine: EngineId, reason: str) -> None:
-        self.working_sets.forget(engine)
+        # What was routed there lately goes too (the speculative entries among it).
+        self.ingestor.drops.drop(engine, self.working_sets.forget(engine))
 
     def _on_restart(self, endpoint: Endpoint) -> None:
         if not self._current(endpoint):

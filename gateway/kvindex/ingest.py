@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from engine_adapter.events.model import AllChunksCleared, ChunkRemoved, ChunkStored, EngineBlockHash, EventBatch
 from gateway.kvindex.base import TIER_GPU, ChunkIndex
 from gateway.kvindex.layout import KVLayout
+from gateway.kvindex.removal import EngineDrops
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.types import EngineId, RequestChunkKey
 
@@ -41,8 +42,12 @@ class IndexIngestor:
         layout: KVLayout,
         model_of: Callable[[EngineId], str | None],
         on_reset: Callable[[EngineId, str], None] | None = None,
+        drops: EngineDrops | None = None,
     ) -> None:
+        """`drops` evicts what an engine that reset held, in batches off the request path
+        (gateway.kvindex.removal); without it, at once."""
         self._index = index
+        self.drops = drops or EngineDrops(index)
         self._layout = layout
         self._model_of = model_of
         self._on_reset = on_reset
@@ -101,6 +106,7 @@ class IndexIngestor:
         for engine_hash, key in zip(event.block_hashes, keys):
             mapping[engine_hash] = key
             holding[engine_hash] = holding.get(engine_hash, 0) + 1
+        self.drops.spare(engine, keys)
         self._index.add(engine, keys, event.medium)
         self.stats.blocks_stored += len(keys)
 
@@ -123,6 +129,6 @@ class IndexIngestor:
         self.stats.blocks_removed += len(keys)
 
     def _clear(self, engine: EngineId) -> None:
-        self._keys.pop(engine, None)
+        """O(the engine's blocks), in batches: never a scan of the whole index."""
         self._tiers_holding.pop(engine, None)
-        self._index.clear_engine(engine)
+        self.drops.drop(engine, self._keys.pop(engine, {}).values())

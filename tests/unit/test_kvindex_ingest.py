@@ -221,3 +221,42 @@ def test_events_in_one_batch_apply_in_order() -> None:
     tokens = PROMPT[: 2 * BLOCK]
     ingestor.apply("a", batch(stored([1, 2], None, tokens), AllChunksCleared(), stored([1], None, tokens[:BLOCK])))
     assert matched(index, request_keys(tokens)) == 1
+
+
+def test_a_reset_drops_the_engines_entries_in_batches_and_spares_what_it_stores_again() -> None:
+    """A restart, a cache clear or an unfillable gap: the engine's own keys are evicted in
+    batches between other work (never a scan of the whole index), and a block the restarted
+    engine stores again before its turn comes is kept."""
+    import asyncio
+
+    from gateway.kvindex.removal import EngineDrops
+
+    async def scenario() -> tuple[int, int, int, list[str]]:
+        index = InMemoryIndex()
+        ingestor = IndexIngestor(index, KVLayout(BLOCK), MODELS.get, drops=EngineDrops(index, batch_keys=2))
+        hashes = [f"h{i}" for i in range(6)]
+        first = stored(hashes, None, PROMPT[: 6 * BLOCK])
+        ingestor.apply("a", batch(first))
+        ingestor.apply("b", batch(first))
+        order: list[str] = []
+
+        async def other_work() -> None:
+            for _ in range(10):
+                order.append("request")
+                await asyncio.sleep(0)
+
+        working = asyncio.create_task(other_work())
+        ingestor.reset("a", "engine restarted")
+        # Its first block again, before the drop reached it (a restarted engine prefilling).
+        ingestor.apply("a", batch(stored(["n0"], None, PROMPT[:BLOCK]), seq=1))
+        dropping = asyncio.create_task(ingestor.drops.wait(A))
+        dropping.add_done_callback(lambda _: order.append("dropped"))
+        await dropping
+        await working
+        keys = request_keys(PROMPT)
+        return matched(index, keys), matched(index, keys, B), index.num_chunks(A), order
+
+    held_by_a, held_by_b, chunks_of_a, order = asyncio.run(scenario())
+    assert (held_by_a, chunks_of_a) == (1, 1)  # only the block stored again
+    assert held_by_b == 6
+    assert order.index("dropped") > 1  # three batches of 2, with requests served between
