@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -29,6 +30,8 @@ from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.memory import InMemoryIndex
 from gateway.kvindex.service import PrefixService
 from gateway.kvindex.working_set import WorkingSetTracker
+from gateway.limits.admission import Admission
+from gateway.limits.protocol import COUNT_REJECTION
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.dispatcher import Dispatcher
 from gateway.proxy.transfer import KVTransferRunner
@@ -121,7 +124,7 @@ def build_app(
         return found
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         nonlocal tokenizers
         upstream = build_client(config.proxy, transport)
         control = httpx.AsyncClient(transport=transport)
@@ -173,7 +176,8 @@ def build_app(
                 await feeds.discover(control)
             feeds.start()
         try:
-            yield
+            # Lifespan state is what uvicorn hands its protocol (gateway.limits.protocol).
+            yield {COUNT_REJECTION: count_rejection}
         finally:
             if tokenizers is not None:
                 await tokenizers.close()
@@ -183,9 +187,13 @@ def build_app(
             await control.aclose()
             metrics.close()
 
+    def count_rejection(reason: str) -> None:
+        metrics.rejections.labels(reason).inc()
+
     app = FastAPI(title="prefix-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
-    app.state.api_keys = APIKeys(config.server.api_keys)
+    api_keys = APIKeys(config.server.api_keys)
+    app.state.api_keys = api_keys
     app.state.registry = registry
     app.state.index = index
     app.state.ingestor = ingestor
@@ -199,6 +207,12 @@ def build_app(
     app.include_router(build_admin_router(), include_in_schema=False)
     app.include_router(build_debug_router(), include_in_schema=False)
     install_error_handlers(app)
+    limits = config.limits
+    app.add_middleware(
+        Admission, max_requests=limits.max_concurrent_requests, api_keys=api_keys,
+        key_caps=[k.max_concurrent_requests or limits.max_concurrent_requests_per_key for k in config.server.api_keys],
+        retry_after_s=limits.retry_after_s, on_reject=count_rejection,
+    )  # fmt: skip
     return app
 
 

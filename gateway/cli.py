@@ -17,6 +17,8 @@ from typing import Any
 import uvicorn
 
 from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig, ModelConfig, load_config
+from gateway.limits.open_files import fit_to_open_files, raise_open_files_limit
+from gateway.limits.protocol import limited_http_protocol
 
 logger = logging.getLogger("gateway")
 
@@ -75,6 +77,7 @@ def serve(config: GatewayConfig) -> None:
                 # The gateway tokenizes locally with the very files the engines load.
                 updates["models"] = [*config.models, ModelConfig(name=name, tokenizer=config.local_engines.model_dir)]
             config = config.model_copy(update=updates)
+        config = fit_to_host(config)
         logger.info("gateway listening on http://%s:%d/v1 (%d worker%s)", config.server.host, config.server.port,
                     config.server.workers, "s" if config.server.workers > 1 else "")  # fmt: skip
         if config.server.workers > 1:
@@ -82,7 +85,7 @@ def serve(config: GatewayConfig) -> None:
         else:
             from gateway.app import build_app
 
-            server = uvicorn.Server(uvicorn.Config(build_app(config), **_server_options(config)))
+            server = uvicorn.Server(uvicorn.Config(build_app(config), **server_options(config)))
             server.run()
     except KeyboardInterrupt:
         pass
@@ -93,9 +96,24 @@ def serve(config: GatewayConfig) -> None:
             fleet.stop()  # type: ignore[attr-defined]
 
 
-def _server_options(config: GatewayConfig) -> dict[str, Any]:
-    return {"host": config.server.host, "port": config.server.port, "log_level": "info",
-            "access_log": config.server.access_log, "timeout_graceful_shutdown": 10}  # fmt: skip
+def fit_to_host(config: GatewayConfig) -> GatewayConfig:
+    """`config` with its connection caps fitted to the open-file limit, raised first to the
+    hard limit (worker processes inherit it)."""
+    limits = fit_to_open_files(config.limits, raise_open_files_limit(), len(config.engines))
+    return config if limits is config.limits else config.model_copy(update={"limits": limits})
+
+
+def server_options(config: GatewayConfig) -> dict[str, Any]:
+    """uvicorn's options for `config`, one worker or several (tests use them too)."""
+    limits = config.limits
+    return {
+        "host": config.server.host, "port": config.server.port, "log_level": "info",
+        "access_log": config.server.access_log, "timeout_graceful_shutdown": 10,
+        # httptools with the limits uvicorn lacks; keep-alive is uvicorn's own.
+        "http": limited_http_protocol(limits), "timeout_keep_alive": limits.keep_alive_timeout_s,
+        # The gateway serves no WebSocket: an Upgrade request is an ordinary HTTP request.
+        "ws": "none",
+    }  # fmt: skip
 
 
 def run_workers(config: GatewayConfig) -> None:
@@ -104,7 +122,7 @@ def run_workers(config: GatewayConfig) -> None:
 
     with worker_environment(config):
         uvicorn.run("gateway.workers:create_app", factory=True, workers=config.server.workers,
-                    **_server_options(config))  # fmt: skip
+                    **server_options(config))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,7 @@ def test_secrets_come_from_the_environment() -> None:
     env = {"GATEWAY_ADMIN_TOKEN": "adm-env-0123456789", "GATEWAY_API_KEYS": "k-env-1, k-env-2,"}
     config = parse_config(with_environment(data, env))
     assert config.server.admin_token == "adm-env-0123456789"
-    assert config.server.api_keys == ["k-file-0123456789", "k-env-1", "k-env-2"]
+    assert [k.key for k in config.server.api_keys] == ["k-file-0123456789", "k-env-1", "k-env-2"]
     # Empty variables (docker compose passes unset ones so) change nothing.
     assert parse_config(with_environment(data, {"GATEWAY_ADMIN_TOKEN": "", "GATEWAY_API_KEYS": ""})).server.admin_token is None
 
