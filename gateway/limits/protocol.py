@@ -129,7 +129,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._read_bytes = len(data)
         super().data_received(data)
-        if self._phase == HEADERS:  # still: count this read towards the header section
+        phase = self._phase
+        if phase == BODY:  # a piece of body came (a request read whole is past BODY already)
+            self._body_read_at = self.loop.time()
+        elif phase == HEADERS:  # still: count this read towards the header section
             self._header_bytes += len(data)
             if self._header_bytes > self._limits.max_header_bytes:
                 self._header_bytes_exceeded()
@@ -162,10 +165,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         self._phase = BODY
         self._body_since = self._body_read_at = self.loop.time()
-
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        self._body_read_at = self.loop.time()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -225,12 +224,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # would still send is dropped (uvicorn drops sends on a disconnected cycle).
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        what = "body" if phase == BODY else "headers"
-        limit_s = self._limits.header_read_timeout_s if phase == HEADERS else self._limits.body_read_timeout_s
-        self._close_with(None if answered else error_bytes(
-            408, f"The request {what} did not arrive in time (limit {limit_s:g} s between reads"
-            f"{'' if phase == HEADERS else f', {self._limits.body_total_timeout_s:g} s in all'}).",
-            "invalid_request_error", "request_timeout"))  # fmt: skip
+        limits = self._limits
+        message = (
+            f"The request body did not arrive in time: at most {limits.body_read_timeout_s:g} s between "
+            f"two pieces, {limits.body_total_timeout_s:g} s in all."
+            if phase == BODY
+            else f"The request headers did not arrive within {limits.header_read_timeout_s:g} s."
+        )
+        self._close_with(None if answered else error_bytes(408, message, "invalid_request_error", "request_timeout"))
 
     # Refusals
 
