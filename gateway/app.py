@@ -4,10 +4,10 @@ which owns every component and its lifetime; with a `config_file`, it follows th
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -22,6 +22,8 @@ from gateway.config import GatewayConfig
 from gateway.config_file import ConfigFile
 from gateway.endpoints.shared import SharedFleetState
 from gateway.errors import GatewayError, error_body, error_response
+from gateway.limits.admission import Admission
+from gateway.limits.protocol import COUNT_REJECTION
 from gateway.reload import ConfigReloader
 from gateway.runtime import GatewayRuntime
 
@@ -46,7 +48,7 @@ def build_app(
     runtime = GatewayRuntime(config, transport=transport, shared=shared)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await runtime.start()
         reloader = None
         if config_file is not None:
@@ -57,11 +59,15 @@ def build_app(
             reloader.start()
         app.state.reloader = reloader
         try:
-            yield
+            # Lifespan state is what uvicorn hands its protocol (gateway.limits.protocol).
+            yield {COUNT_REJECTION: count_rejection}
         finally:
             if reloader is not None:
                 await reloader.stop()
             await runtime.stop()
+
+    def count_rejection(reason: str) -> None:
+        runtime.metrics.rejections.labels(reason).inc()
 
     app = FastAPI(title="prefix-gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     # Requests read `runtime.generation` once, when they arrive (gateway.generation.current).
@@ -72,6 +78,11 @@ def build_app(
     app.include_router(build_admin_router(), include_in_schema=False)
     app.include_router(build_debug_router(), include_in_schema=False)
     install_error_handlers(app)
+    limits = config.limits
+    app.add_middleware(
+        Admission, max_requests=limits.max_concurrent_requests, api_keys=lambda: runtime.generation.api_keys,
+        retry_after_s=limits.retry_after_s, on_reject=count_rejection,
+    )  # fmt: skip
     return app
 
 

@@ -19,6 +19,8 @@ import uvicorn
 
 from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEnginesConfig
 from gateway.config_file import ConfigFile
+from gateway.limits.open_files import fit_to_open_files, raise_open_files_limit
+from gateway.limits.protocol import limited_http_protocol
 from gateway.reload import ignore_hangup_until_serving
 
 logger = logging.getLogger("gateway")
@@ -78,6 +80,7 @@ def serve(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
             local, fleet = local_engine_configs(config.local_engines)
             file = file.with_local_engines(local, config.local_engines)
             config = file.resolve(config)
+        config = fit_to_host(config)
         logger.info("gateway listening on http://%s:%d/v1 (%d worker%s)", config.server.host, config.server.port,
                     config.server.workers, "s" if config.server.workers > 1 else "")  # fmt: skip
         if config.server.workers > 1:
@@ -86,7 +89,7 @@ def serve(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
             from gateway.app import build_app
 
             app = build_app(config, config_file=file, config_digest=digest)
-            server = uvicorn.Server(uvicorn.Config(app, **_server_options(config)))
+            server = uvicorn.Server(uvicorn.Config(app, **server_options(config)))
             server.run()
     except KeyboardInterrupt:
         pass
@@ -98,9 +101,24 @@ def serve(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
         signal.signal(signal.SIGHUP, previous_hangup)
 
 
-def _server_options(config: GatewayConfig) -> dict[str, Any]:
-    return {"host": config.server.host, "port": config.server.port, "log_level": "info",
-            "access_log": config.server.access_log, "timeout_graceful_shutdown": 10}  # fmt: skip
+def fit_to_host(config: GatewayConfig) -> GatewayConfig:
+    """`config` with its connection caps fitted to the open-file limit, raised first to the
+    hard limit (worker processes inherit it)."""
+    limits = fit_to_open_files(config.limits, raise_open_files_limit(), len(config.engines))
+    return config if limits is config.limits else config.model_copy(update={"limits": limits})
+
+
+def server_options(config: GatewayConfig) -> dict[str, Any]:
+    """uvicorn's options for `config`, one worker or several (tests use them too)."""
+    limits = config.limits
+    return {
+        "host": config.server.host, "port": config.server.port, "log_level": "info",
+        "access_log": config.server.access_log, "timeout_graceful_shutdown": 10,
+        # httptools with the limits uvicorn lacks; keep-alive is uvicorn's own.
+        "http": limited_http_protocol(limits), "timeout_keep_alive": limits.keep_alive_timeout_s,
+        # The gateway serves no WebSocket: an Upgrade request is an ordinary HTTP request.
+        "ws": "none",
+    }  # fmt: skip
 
 
 def run_workers(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
@@ -109,7 +127,7 @@ def run_workers(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
 
     with worker_environment(config, file, digest):
         run_supervisor(uvicorn.Config("gateway.workers:create_app", factory=True, workers=config.server.workers,
-                                      **_server_options(config)))  # fmt: skip
+                                      **server_options(config)))  # fmt: skip
 
 
 def configure_logging() -> None:

@@ -25,6 +25,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class APIKeyConfig(_Strict):
+    """One client API key; in YAML either the key itself or `{key, max_concurrent_requests}`."""
+
+    key: str
+    # This key's own cap on requests in flight (per worker); unset: `limits.max_concurrent_requests_per_key`.
+    max_concurrent_requests: int | None = Field(default=None, ge=1)
+
+    @field_validator("key")
+    @classmethod
+    def _real_key(cls, value: str) -> str:
+        return _check_secret(value, "API key")
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -32,8 +45,9 @@ class ServerConfig(_Strict):
     # environment's GATEWAY_ADMIN_TOKEN, when set and not empty, takes its place.
     admin_token: str | None = None
     # Client API keys: with any, every client request must carry one (Authorization: Bearer,
-    # or x-api-key). The environment's GATEWAY_API_KEYS (comma-separated) adds to them.
-    api_keys: list[str] = Field(default_factory=list)
+    # or x-api-key). The environment's GATEWAY_API_KEYS (comma-separated) adds to them. An entry
+    # is a key, or a mapping that also gives the key its own concurrency cap.
+    api_keys: list[APIKeyConfig] = Field(default_factory=list)
     # One log line per request (uvicorn's access log): off by default, it costs on every request.
     access_log: bool = False
     # Worker processes serving the port, one per core to use (gateway.workers).
@@ -47,10 +61,25 @@ class ServerConfig(_Strict):
     def _real_admin_token(cls, value: str | None) -> str | None:
         return None if value is None else _check_secret(value, "admin token")
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _real_api_keys(cls, value: list[str]) -> list[str]:
-        return [_check_secret(key, "API key") for key in value]
+    def _keys_as_entries(cls, value: Any) -> Any:
+        """A plain string (the existing YAML lists, GATEWAY_API_KEYS) is a key with no cap of its
+        own; a key given twice (the file and the environment) is one key, with the cap either gives."""
+        if not isinstance(value, list):
+            return value
+        entries: dict[str, dict[str, Any]] = {}
+        for item in value:
+            entry = {"key": item} if isinstance(item, str) else item
+            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+                return value  # let the field's own validation name what is wrong
+            known = entries.setdefault(entry["key"], dict(entry))
+            cap = entry.get("max_concurrent_requests")
+            if cap is not None and known.get("max_concurrent_requests") not in (None, cap):
+                raise ValueError("an API key is listed twice with different max_concurrent_requests")
+            if cap is not None:
+                known["max_concurrent_requests"] = cap
+        return list(entries.values())
 
 
 # Tokens that are placeholders in examples, never secrets.
@@ -63,6 +92,42 @@ def _check_secret(value: str, what: str) -> str:
     if value.strip().lower() in _PLACEHOLDER_TOKENS:
         raise ValueError(f"{value!r} is a placeholder, not a {what}: set a real one (or its environment variable)")
     return value
+
+
+class LimitsConfig(_Strict):
+    """What one client may hold of a gateway worker (gateway.limits). Every limit is per worker
+    process: with `server.workers: N`, the gateway as a whole admits up to N times as much."""
+
+    # From a connection's opening, or the end of the previous response on a kept-alive one,
+    # until the request's headers are complete: past it, 408 (or, before any byte, a plain
+    # close) and the connection is closed. A slow-loris client holds a connection this long.
+    header_read_timeout_s: float = Field(default=10.0, gt=0)
+    # Longest silence between two pieces of a request body, and the whole body's time: 408.
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    body_total_timeout_s: float = Field(default=300.0, gt=0)
+    # An idle kept-alive connection is closed after this (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0)
+    # Request line and headers together, and the number of headers: past either, 431.
+    max_header_bytes: int = Field(default=65536, ge=1024)
+    max_header_count: int = Field(default=100, ge=8)
+    # Open client connections; further ones get a 503 and are closed at once. Lowered at
+    # start-up to what the open-file limit leaves room for (gateway.limits.open_files).
+    max_connections: int = Field(default=4096, ge=1)
+    # Requests in flight (health, metrics, admin and debug excepted); more get 503 at once.
+    max_concurrent_requests: int = Field(default=1024, ge=1)
+    # Requests in flight per client API key (`server.api_keys` entries may set their own);
+    # more get 429 at once. None: only the global cap.
+    max_concurrent_requests_per_key: int | None = Field(default=None, ge=1)
+    # Sent as Retry-After with every 503 and 429 above (whole seconds, as HTTP has it).
+    retry_after_s: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _keep_alive_within_header_timeout(self) -> LimitsConfig:
+        # The header timeout runs from the end of the previous response as well: an idle
+        # connection kept longer would be cut by it, counted as a slow client.
+        if self.keep_alive_timeout_s > self.header_read_timeout_s:
+            raise ValueError("keep_alive_timeout_s must not exceed header_read_timeout_s")
+        return self
 
 
 class EngineConfig(_Strict):
@@ -245,6 +310,7 @@ class RoutingConfig(_Strict):
 
 class GatewayConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     engines: list[EngineConfig] = Field(default_factory=list)
     local_engines: LocalEnginesConfig | None = None
     models: list[ModelConfig] = Field(default_factory=list)

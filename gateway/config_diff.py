@@ -28,6 +28,8 @@ RESTART_ONLY: tuple[str, ...] = (
     "kv_index.tokenize_offload_min_chars",
     "kv_index.tokenize_head_chars",
     "kv_index.replay_timeout_s",
+    # The server's own limits live in its protocol and admission middleware, built at start.
+    "limits",
 )
 
 

@@ -7,6 +7,9 @@
     ├── ResponseNotFound (404)        a Responses API id no engine holds
     ├── EndpointNotServed (404)       the model's engine has no such API
     ├── PayloadTooLarge (413)
+    ├── TooManyRequests (429)         the client's API key has its cap of requests in flight
+    ├── ClientClosedRequest (499)     the client left (or was cut off) while sending its body
+    ├── Overloaded (503)              this worker has its cap of requests in flight
     ├── NoHealthyEndpoint (503)       the model exists but no engine can take it now
     └── UpstreamError (502)           an engine failed before answering
         ├── UpstreamConnectError (502)
@@ -70,6 +73,25 @@ class PayloadTooLarge(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class TooManyRequests(GatewayError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ClientClosedRequest(GatewayError):
+    # nginx's code for a request its client abandoned: nobody reads this answer.
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_closed_request"
+
+
+class Overloaded(GatewayError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "overloaded"
 
 
 class NoHealthyEndpoint(GatewayError):

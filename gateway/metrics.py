@@ -73,6 +73,12 @@ class GatewayMetrics:
             "gateway_tokenization_failures", "Requests routed without prefix knowledge: their prompt could "
             "not be tokenized.", ["model"], registry=r,
         )  # fmt: skip
+        # gateway.limits: what a worker refused to protect itself and its other clients.
+        self.rejections = Counter(
+            "gateway_rejections", "Connections and requests refused or cut off by a server limit, by reason: "
+            "connections, header_timeout, body_timeout, header_bytes, header_count, concurrency, key_concurrency.",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.client_disconnects = Counter(
             "gateway_client_disconnects", "Responses abandoned by the client mid-way.", ["route"], registry=r
         )

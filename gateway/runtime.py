@@ -284,7 +284,7 @@ class GatewayRuntime:
             prefix, self.cost_model, transfers, self.responses,
         )  # fmt: skip
         return Generation(config, registry, plan.router, plan.estimator, plan.uses_prefix, prefix, transfers,
-                          dispatcher, APIKeys(config.server.api_keys))  # fmt: skip
+                          dispatcher, APIKeys(config.server.api_keys, config.limits.max_concurrent_requests_per_key))  # fmt: skip
 
     async def _follow(self, endpoints: list[Endpoint]) -> None:
         """Subscribe to these engines' KV events (asking them where, where the configuration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -11,6 +12,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,9 @@ import httpx
 import uvicorn
 import yaml
 
+from bench.fake_engine import FakeEngine, HTTPProtocol
 from gateway.app import build_app
+from gateway.cli import fit_to_host, server_options
 from gateway.config import GatewayConfig, parse_config
 
 
@@ -59,15 +64,16 @@ def _ephemeral_low() -> int:
 
 
 class GatewayServer:
-    """The real app behind a real HTTP server, so the OpenAI SDK talks to it over TCP."""
+    """The real app behind a real HTTP server, so the OpenAI SDK talks to it over TCP: uvicorn
+    with the options `python -m gateway` gives it (gateway.cli), in a thread of this process.
+    `transport` replaces the network to the engines (fake engines, tests/unit/fake_engines.py)."""
 
-    def __init__(self, config: GatewayConfig) -> None:
-        self.config = config
+    def __init__(self, config: GatewayConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.port = free_port()
-        self.app = build_app(config)
-        self._server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        )
+        self.config = fit_to_host(config)
+        self.app = build_app(self.config, transport=transport)
+        options = {**server_options(self.config), "host": "127.0.0.1", "port": self.port, "log_level": "warning"}
+        self._server = uvicorn.Server(uvicorn.Config(self.app, lifespan="on", **options))
         self._thread = threading.Thread(target=self._server.run, name=f"gateway-{self.port}", daemon=True)
 
     @property
@@ -95,6 +101,27 @@ class GatewayServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def fake_engine_in_thread(fake: FakeEngine) -> Iterator[str]:
+    """The benchmark's fake engine (bench/fake_engine.py) on a loopback port, in a thread of this
+    process; its base URL. A real HTTP server, for gateways in another process."""
+    loop = asyncio.new_event_loop()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = loop.run_until_complete(loop.create_server(lambda: HTTPProtocol(fake), sock=sock))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=2)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
 
 
 def gateway_config(engines: list[dict[str, Any]], **sections: Any) -> GatewayConfig:

@@ -16,11 +16,12 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from gateway.api.validation import check_request, parse_json_object
 from gateway.endpoints.registry import EndpointRegistry
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge
+from gateway.errors import BadRequest, ClientClosedRequest, GatewayError, PayloadTooLarge
 from gateway.generation import current
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSE_CANCEL_ROUTE, RESPONSE_ROUTE, RESPONSES_PATH
@@ -41,11 +42,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Gone mid-body, or cut off by the body read timeout (gateway.limits.protocol): an
+        # answer nobody reads, not an unhandled error with a traceback in the log.
+        raise ClientClosedRequest("The client closed the connection before sending the whole body.") from None
     return b"".join(chunks)
 
 

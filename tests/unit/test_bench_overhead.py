@@ -4,11 +4,9 @@ in a thread of this process."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import httpx
 import pytest
 
 from bench.common import percentile
-from bench.fake_engine import FakeEngine, HTTPProtocol
+from bench.fake_engine import FakeEngine
 from bench.overhead import (
     RatePoint,
     clean_rate_label,
@@ -29,6 +27,7 @@ from bench.overhead import (
     poisson_arrivals,
     repeat_requests,
 )
+from tests.harness import fake_engine_in_thread
 
 
 def words(rng: random.Random, tokens: int) -> str:
@@ -272,22 +271,8 @@ def test_tokenize_gives_the_gateway_tokenizers_ids(tiny_model_dir: Path) -> None
 
 @pytest.fixture()
 def served(fake: FakeEngine) -> Iterator[str]:
-    """The fake engine's protocol on a loopback port, in a thread of this process."""
-    loop = asyncio.new_event_loop()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = loop.run_until_complete(loop.create_server(lambda: HTTPProtocol(fake), sock=sock))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=2)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
+    with fake_engine_in_thread(fake) as url:
+        yield url
 
 
 def test_served_over_http_keep_alive_and_pipelining(served: str, fake: FakeEngine) -> None:

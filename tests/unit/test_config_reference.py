@@ -14,6 +14,7 @@ from gateway.config import (
     HealthConfig,
     KVIndexConfig,
     KVTransferConfig,
+    LimitsConfig,
     LocalEnginesConfig,
     ModelConfig,
     OutlierDetectionConfig,
@@ -24,7 +25,7 @@ from gateway.config import (
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
 SECTIONS: dict[str, type[BaseModel]] = {
-    "server": ServerConfig, "engines": EngineConfig, "local_engines": LocalEnginesConfig, "models": ModelConfig,
+    "server": ServerConfig, "limits": LimitsConfig, "engines": EngineConfig, "local_engines": LocalEnginesConfig, "models": ModelConfig,
     "kv_index": KVIndexConfig, "kv_transfer": KVTransferConfig, "routing": RoutingConfig, "proxy": ProxyConfig,
     "health": HealthConfig, "outlier_detection": OutlierDetectionConfig,
 }  # fmt: skip

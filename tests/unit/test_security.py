@@ -71,7 +71,7 @@ def test_secrets_come_from_the_environment() -> None:
     env = {"GATEWAY_ADMIN_TOKEN": "adm-env-0123456789", "GATEWAY_API_KEYS": "k-env-1, k-env-2,"}
     config = parse_config(with_environment(data, env))
     assert config.server.admin_token == "adm-env-0123456789"
-    assert config.server.api_keys == ["k-file-0123456789", "k-env-1", "k-env-2"]
+    assert [k.key for k in config.server.api_keys] == ["k-file-0123456789", "k-env-1", "k-env-2"]
     # Empty variables (docker compose passes unset ones so) change nothing.
     assert parse_config(with_environment(data, {"GATEWAY_ADMIN_TOKEN": "", "GATEWAY_API_KEYS": ""})).server.admin_token is None
 
@@ -85,3 +85,20 @@ def test_a_wrong_method_says_which_are_allowed(keyed: TestClient) -> None:
     resp = keyed.get("/v1/completions")
     assert resp.status_code == 405 and "POST" in resp.headers["allow"]
     assert resp.json()["error"]["message"]
+
+
+def test_a_key_revoked_by_a_reload_is_refused_even_when_the_old_keys_identified_the_request() -> None:
+    """The per-key cap asks the keys in force when the request arrives; a reload may swap them
+    before the handler checks: the new keys must not trust the old keys' answer."""
+    from starlette.requests import Request
+
+    from gateway.api.auth import APIKeys
+    from gateway.config import APIKeyConfig
+    from gateway.errors import Unauthorized
+
+    scope = {"type": "http", "headers": [(b"authorization", b"Bearer sk-old-key-0123456789")]}
+    old = APIKeys([APIKeyConfig(key="sk-old-key-0123456789"), APIKeyConfig(key="sk-other-key-0123456789")])
+    assert old.identify(scope) == 0
+    revoked = APIKeys([APIKeyConfig(key="sk-other-key-0123456789")])
+    with pytest.raises(Unauthorized):
+        revoked.check(Request(scope))

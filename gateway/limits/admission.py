@@ -1,0 +1,84 @@
+"""Caps on requests in flight: for this worker (`limits.max_concurrent_requests` → 503) and per
+client API key (`limits.max_concurrent_requests_per_key`, or the key's own → 429), both with
+`Retry-After` and at once: a request over a cap waits for nothing.
+
+An ASGI middleware, so a slot is held until the response's last byte (a stream included) and
+given back whatever happens. Operators' endpoints (`/health`, `/metrics`, `/admin/*`,
+`/debug/*`) are never counted nor refused: a saturated gateway still answers its probes.
+Per request: a path test and counter arithmetic; with per-key caps, the key lookup the
+handler would do anyway (its answer is kept in the scope, gateway.api.auth)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.api.auth import APIKeys
+from gateway.errors import GatewayError, Overloaded, TooManyRequests, error_response
+
+UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
+UNCOUNTED_PREFIXES = ("/admin/", "/debug/")
+
+
+class Admission:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_requests: int,
+        api_keys: Callable[[], APIKeys],
+        retry_after_s: int,
+        on_reject: Callable[[str], None],
+    ) -> None:
+        """`api_keys`: the keys in force now (a reload may change them, and their caps)."""
+        self.app = app
+        self._max_requests = max_requests
+        self._in_flight = 0
+        self._api_keys = api_keys
+        # By the key itself: its position may change at a reload.
+        self._key_in_flight: dict[bytes, int] = {}
+        self._retry_after = {"retry-after": str(retry_after_s)}
+        self._on_reject = on_reject
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in UNCOUNTED_PATHS or path.startswith(UNCOUNTED_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        key: bytes | None = None
+        keys = self._api_keys()
+        if keys.has_caps:
+            position = keys.identify(scope)
+            cap = None if position is None else keys.cap(position)
+            if position is not None and cap is not None:
+                key = keys.key(position)
+                if self._key_in_flight.get(key, 0) >= cap:
+                    await self._refuse(scope, receive, send, "key_concurrency", TooManyRequests(
+                        f"Too many concurrent requests for this API key (limit {cap}); retry shortly."))  # fmt: skip
+                    return
+        if self._in_flight >= self._max_requests:
+            await self._refuse(scope, receive, send, "concurrency", Overloaded(
+                "The gateway is at its limit of concurrent requests; retry shortly."))  # fmt: skip
+            return
+        self._in_flight += 1
+        if key is not None:
+            self._key_in_flight[key] = self._key_in_flight.get(key, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            if key is not None:
+                remaining = self._key_in_flight[key] - 1
+                if remaining:
+                    self._key_in_flight[key] = remaining
+                else:
+                    del self._key_in_flight[key]
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, reason: str, error: GatewayError) -> None:
+        self._on_reject(reason)
+        await error_response(error, headers=self._retry_after)(scope, receive, send)
