@@ -61,7 +61,43 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# Below this many open files, the log says what it limits.
+LOW_OPEN_FILE_LIMIT = 8192
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) to its hard limit, for it
+    and every process it starts (workers, local engines); returns the soft limit now (None
+    where there are no such limits).
+
+    Every stream holds two descriptors, the client's connection and the engine's. The soft
+    limit hosts start services with is often 1024 (systemd, recent Docker) while the hard one
+    allows far more: at 1024 the gateway carried about 500 streams, and past that uvloop
+    closed every new client connection unanswered, with nothing in the log (bench.load)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX host
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY:
+        return None if soft == resource.RLIM_INFINITY else soft
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+        else:
+            logger.info("open-file limit raised from %d to %d", soft, hard)
+            soft = hard
+    if soft < LOW_OPEN_FILE_LIMIT:
+        logger.warning("open-file limit %d: about %d concurrent streams at most (two descriptors each); past "
+                       "it new connections are closed unanswered. Raise the hard limit (systemd LimitNOFILE=, "
+                       "docker --ulimit nofile=N:N, ulimit -Hn)", soft, max(0, (soft - 64) // 2))  # fmt: skip
+    return soft
+
+
 def serve(config: GatewayConfig) -> None:
+    raise_open_file_limit()
     fleet = None
     # Until uvicorn installs its own handlers, SIGTERM must unwind like Ctrl-C so the
     # engines started so far are stopped.
