@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -52,11 +53,14 @@ def build_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     shared: SharedFleetState | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """Build the gateway for `config.engines` (local engines must already be resolved).
 
     `transport` replaces the network for every engine call (tests pass a MockTransport);
-    `shared` is what this worker shares with the others (gateway.workers).
+    `shared` is what this worker shares with the others (gateway.workers); `freeze_gc`: the
+    server processes (gateway.cli, gateway.workers) keep what start-up built out of the
+    garbage collector's full passes (`freeze_long_lived`).
     """
     registry = EndpointRegistry.from_config(config.engines)
     if shared is not None:
@@ -129,7 +133,8 @@ def build_app(
         prefix = None
         feeds = EventFeeds(registry, ingestor, replay_timeout_s=kv.replay_timeout_s)
         if uses_prefix:
-            tokenizers = build_tokenizers(config, control, registry, metrics)
+            tokenizers = build_tokenizers(config, control, registry, metrics,
+                                          on_loaded=freeze_long_lived if freeze_gc else None)  # fmt: skip
             prefix = PrefixService(
                 index, tokenizers, registry, working_sets, layout,
                 speculative_ttl_s=kv.speculative_ttl_s, approximate_ttl_s=kv.approximate_ttl_s,
@@ -172,6 +177,8 @@ def build_app(
             if kv.discover_event_sources:
                 await feeds.discover(control)
             feeds.start()
+        if freeze_gc:
+            freeze_long_lived()
         try:
             yield
         finally:
@@ -202,8 +209,26 @@ def build_app(
     return app
 
 
+def freeze_long_lived() -> None:
+    """Move every object alive now out of the collector's way (gc.freeze), garbage collected
+    first. What start-up builds lives as long as the process: the modules (with a local
+    tokenizer, transformers and torch: ~400k objects), tokenizers, scorers. CPython's full
+    collection walks every tracked object and stops the event loop meanwhile: 0.3-0.6 s each,
+    every few seconds while thousands of streams opened (bench.load streams), every stream
+    stalled with it. Frozen objects are still freed when their last reference goes; only a
+    cycle among them is never collected. Called again when a tokenizer loads after start-up,
+    it also freezes what the requests then in flight hold: their cycles, if any, stay (once
+    per tokenizer loaded)."""
+    gc.collect()
+    gc.freeze()
+
+
 def build_tokenizers(
-    config: GatewayConfig, client: httpx.AsyncClient, registry: EndpointRegistry, metrics: GatewayMetrics
+    config: GatewayConfig,
+    client: httpx.AsyncClient,
+    registry: EndpointRegistry,
+    metrics: GatewayMetrics,
+    on_loaded: Callable[[], None] | None = None,
 ) -> ModelTokenizers:
     # Ask the least loaded engine serving the model: a busy engine's API server answers slowly.
     engine = EngineTokenizer(client, lambda model: min(registry.candidates(model), key=lambda e: e.load, default=None))
@@ -211,6 +236,7 @@ def build_tokenizers(
         {m.name: m.tokenizer for m in config.models}, engine, registry,
         offload_min_chars=config.kv_index.tokenize_offload_min_chars,
         on_status=lambda model, status: metrics.tokenizer_ready.labels(model).set(1 if status.ok else 0),
+        on_loaded=on_loaded,
     )  # fmt: skip
 
 

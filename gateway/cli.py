@@ -118,7 +118,7 @@ def serve(config: GatewayConfig) -> None:
         else:
             from gateway.app import build_app
 
-            server = uvicorn.Server(uvicorn.Config(build_app(config), **_server_options(config)))
+            server = uvicorn.Server(uvicorn.Config(build_app(config, freeze_gc=True), **_server_options(config)))
             server.run()
     except KeyboardInterrupt:
         pass

@@ -65,6 +65,6 @@ def create_app() -> FastAPI:
     data: Any = json.loads(Path(os.environ[CONFIG_ENV]).read_text())
     config = parse_config(data, os.environ[CONFIG_ENV])
     shared = SharedFleetState.attach(os.environ[SHARED_ENV])
-    app = build_app(config, shared=shared)
+    app = build_app(config, shared=shared, freeze_gc=True)
     app.state.shared = shared
     return app

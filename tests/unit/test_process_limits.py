@@ -1,15 +1,22 @@
 """What the server process does for many connections: its open-file limit raised to the hard
-one (gateway.cli)."""
+one (gateway.cli), and what start-up built kept out of the garbage collector's full passes
+(gateway.app.freeze_long_lived)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 from collections.abc import Iterator
 
+import httpx
 import pytest
+from starlette.testclient import TestClient
 
+from gateway.app import build_app
 from gateway.cli import raise_open_file_limit
+from gateway.config import parse_config
+from tests.unit.fake_engines import Engines
 
 
 class Limits:
@@ -58,3 +65,17 @@ def test_a_low_hard_limit_or_a_refusal_is_said_with_the_streams_it_allows(
 def test_unlimited_is_left_alone(limits: Limits) -> None:
     limits.soft = limits.hard = resource.RLIM_INFINITY
     assert raise_open_file_limit() is None
+
+
+def test_the_server_freezes_what_start_up_built(engines: Engines) -> None:
+    config = parse_config({"engines": [{"name": "a", "url": "http://a"}], "health": {"interval_s": 600},
+                           "models": [{"name": "m", "tokenizer": engines.root}]})  # fmt: skip
+    gc.unfreeze()
+    try:
+        with TestClient(build_app(config, transport=httpx.MockTransport(engines.handler))):
+            assert gc.get_freeze_count() == 0  # tests and embedders: untouched
+        with TestClient(build_app(config, transport=httpx.MockTransport(engines.handler), freeze_gc=True)) as client:
+            assert gc.get_freeze_count() > 0
+            assert client.post("/v1/completions", json={"model": "m", "prompt": "hi"}).status_code == 200
+    finally:
+        gc.unfreeze()
