@@ -105,8 +105,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_report(name: str, title: str, body: str) -> Path:
-    REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    path = REPORT_DIR / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+def write_report(name: str, title: str, body: str, directory: Path | None = None) -> Path:
+    directory = directory or REPORT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
     path.write_text(f"# {title}\n\n{body}\n")
     return path

@@ -1,6 +1,7 @@
 """A fake vLLM OpenAI server that answers in microseconds, so a router's own cost dominates.
 
     python -m bench.fake_engine --port 8101 [--model tiny-llama] [--tokenizer DIR] [--host 127.0.0.1]
+                                [--tokens 3] [--inter-token-ms 0]
 
 What it serves (everything a router in front of vLLM asks for):
 
@@ -17,6 +18,14 @@ What it serves (everything a router in front of vLLM asks for):
   never read; `usage.prompt_tokens` is the body size / 4, `cached_tokens` is always 0.
   Streamed: three SSE chunks, a usage chunk when `stream_options.include_usage`, `data: [DONE]`,
   as HTTP/1.1 chunked transfer encoding, each event its own chunk, all written at once.
+- A decoding engine, for load tests (`--tokens N --inter-token-ms M`, or per request the
+  headers `x-fake-tokens` / `x-fake-inter-token-ms`): N completion tokens; with M > 0 a stream
+  sends its first token at once and one more every M ms (it lasts (N-1)·M ms, the usage
+  chunk and `[DONE]` come with the last token), and a non-streamed answer comes whole after
+  (N-1)·M ms. A client that leaves stops its stream. `/metrics` then reports the answers in
+  progress as `vllm:num_requests_running`, and `fake_engine_active_responses`,
+  `fake_engine_peak_active_responses`, `fake_engine_open_connections`,
+  `fake_engine_aborted_responses_total` (client gone before the end).
 - Anything else: 404 `{"detail": "Not Found"}` (FastAPI's shape: a router probing `/render`
   learns the engine has no such route).
 
@@ -36,13 +45,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BODY = 64 * 1024 * 1024
 ANSWER = ["ok", " ok", " ok"]  # the three completion tokens
+TOKENS_HEADER = b"x-fake-tokens"
+INTER_TOKEN_HEADER = b"x-fake-inter-token-ms"
+Headers = Mapping[bytes, bytes] | None  # a request's pace overrides, lower-case names
 
 _STATUS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
            411: b"Length Required", 413: b"Payload Too Large"}  # fmt: skip
@@ -74,10 +87,35 @@ def chunked_response_bytes(events: list[bytes], keep_alive: bool = True) -> byte
     return b"".join(parts)
 
 
-class FakeEngine:
-    """The answers, independent of the transport (tests call `handle` directly)."""
+@dataclass(slots=True)
+class Paced:
+    """A response written in parts over time, as a decoding engine sends it: `parts[0]` after
+    `first_delay_s`, each next one `interval_s` later."""
 
-    def __init__(self, model: str, tokenizer_dir: str, tokenizer: Any = None) -> None:
+    parts: list[bytes]
+    interval_s: float
+    first_delay_s: float = 0.0
+
+
+def answer_tokens(count: int) -> list[str]:
+    """`count` completion tokens: "ok", " ok", " ok", ..."""
+    return [ANSWER[0], *[ANSWER[1]] * (max(1, count) - 1)]
+
+
+class FakeEngine:
+    """The answers, independent of the transport (tests call `handle` directly).
+
+    `tokens` / `inter_token_s`: the default answer length and pace (module docstring)."""
+
+    def __init__(self, model: str, tokenizer_dir: str, tokenizer: Any = None, tokens: int = len(ANSWER),
+                 inter_token_s: float = 0.0) -> None:  # fmt: skip
+        self.tokens = max(1, tokens)
+        self.inter_token_s = max(0.0, inter_token_s)
+        # Paced answers in progress, the most at once, those whose client left; open connections.
+        self.active = 0
+        self.peak_active = 0
+        self.aborted = 0
+        self.connections = 0
         self.model = model
         self.tokenizer_dir = tokenizer_dir
         self._tokenizer = tokenizer  # an HFPromptTokenizer, loaded by `load_tokenizer`
@@ -96,8 +134,10 @@ class FakeEngine:
 
     # -- routing -------------------------------------------------------------------------
 
-    def handle(self, method: bytes, path: bytes, body: bytes, keep_alive: bool = True) -> bytes:
-        """The full HTTP response for one request."""
+    def handle(self, method: bytes, path: bytes, body: bytes, keep_alive: bool = True,
+               headers: Headers = None) -> bytes | Paced:  # fmt: skip
+        """The full HTTP response for one request (`Paced`: in parts over time). `headers`:
+        lower-case names; only the pace overrides are read."""
         self.requests += 1
         path = path.split(b"?", 1)[0]
         route = self._routes.get(path)
@@ -107,21 +147,21 @@ class FakeEngine:
         if method != want:
             return response_bytes(405, b'{"detail":"Method Not Allowed"}', keep_alive=keep_alive)
         try:
-            return handler(self, body, keep_alive)
+            return handler(self, body, keep_alive, headers)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             return response_bytes(400, _dumps({"error": {"message": f"{type(exc).__name__}: {exc}",
                                                         "type": "BadRequestError", "code": 400}}), keep_alive=keep_alive)  # fmt: skip
 
-    def _health(self, body: bytes, keep_alive: bool) -> bytes:
+    def _health(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes:
         return response_bytes(200, b"", keep_alive=keep_alive)
 
-    def _models_route(self, body: bytes, keep_alive: bool) -> bytes:
+    def _models_route(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes:
         return response_bytes(200, self._models, keep_alive=keep_alive)
 
-    def _kv_event_sources(self, body: bytes, keep_alive: bool) -> bytes:
+    def _kv_event_sources(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes:
         return response_bytes(200, b"{}", keep_alive=keep_alive)
 
-    def _metrics(self, body: bytes, keep_alive: bool) -> bytes:
+    def _metrics(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes:
         return response_bytes(200, self.metrics_text().encode(), b"text/plain; version=0.0.4; charset=utf-8",
                               keep_alive=keep_alive)  # fmt: skip
 
@@ -130,7 +170,7 @@ class FakeEngine:
         return (
             "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
             "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{{{labels}}} 0.0\n"
+            f"vllm:num_requests_running{{{labels}}} {float(self.active)}\n"
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
             "# TYPE vllm:num_requests_waiting gauge\n"
             f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
@@ -143,9 +183,17 @@ class FakeEngine:
             "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n"
             "# TYPE process_start_time_seconds gauge\n"
             f"process_start_time_seconds {self.start_time:.3f}\n"
+            "# TYPE fake_engine_active_responses gauge\n"
+            f"fake_engine_active_responses {self.active}\n"
+            "# TYPE fake_engine_peak_active_responses gauge\n"
+            f"fake_engine_peak_active_responses {self.peak_active}\n"
+            "# TYPE fake_engine_open_connections gauge\n"
+            f"fake_engine_open_connections {self.connections}\n"
+            "# TYPE fake_engine_aborted_responses counter\n"
+            f"fake_engine_aborted_responses_total {self.aborted}\n"
         )
 
-    def _tokenize(self, body: bytes, keep_alive: bool) -> bytes:
+    def _tokenize(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes:
         from gateway.tokenization.prompt import CHAT_PATH, TextPrompt, prompt_of
 
         if self._tokenizer is None:
@@ -168,19 +216,30 @@ class FakeEngine:
         return response_bytes(200, _dumps({"count": len(tokens), "max_model_len": 131072, "tokens": tokens,
                                            "token_strs": None}), keep_alive=keep_alive)  # fmt: skip
 
-    def _chat(self, body: bytes, keep_alive: bool) -> bytes:
-        return self._complete(body, keep_alive, chat=True)
+    def _chat(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes | Paced:
+        return self._complete(body, keep_alive, chat=True, headers=headers)
 
-    def _completions(self, body: bytes, keep_alive: bool) -> bytes:
-        return self._complete(body, keep_alive, chat=False)
+    def _completions(self, body: bytes, keep_alive: bool, headers: Headers = None) -> bytes | Paced:
+        return self._complete(body, keep_alive, chat=False, headers=headers)
 
-    def _complete(self, body: bytes, keep_alive: bool, *, chat: bool) -> bytes:
+    def _pace(self, headers: Headers) -> tuple[int, float]:
+        tokens, interval = self.tokens, self.inter_token_s
+        if headers:
+            if TOKENS_HEADER in headers:
+                tokens = max(1, int(headers[TOKENS_HEADER]))
+            if INTER_TOKEN_HEADER in headers:
+                interval = max(0.0, float(headers[INTER_TOKEN_HEADER]) / 1000)
+        return tokens, interval
+
+    def _complete(self, body: bytes, keep_alive: bool, *, chat: bool, headers: Headers = None) -> bytes | Paced:
         request = json.loads(body)  # the only look at the request: stream and its options
         if not isinstance(request, dict):
             raise ValueError("the body must be a JSON object")
+        count, interval = self._pace(headers)
+        tokens = answer_tokens(count)
         self._counter += 1
         prompt_tokens = max(1, len(body) // 4)
-        usage = (f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens + 3},"completion_tokens":3,'
+        usage = (f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens + count},"completion_tokens":{count},'
                  f'"prompt_tokens_details":{{"cached_tokens":0}}}}')  # fmt: skip
         created = int(time.time())
         rid = f"{'chatcmpl' if chat else 'cmpl'}-fake{os.getpid()}x{self._counter}"
@@ -188,9 +247,11 @@ class FakeEngine:
         if request.get("stream"):
             options = request.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            return chunked_response_bytes(sse_events(head.replace("{kind}", ".chunk" if chat else ""), chat, usage,
-                                                     include_usage), keep_alive)  # fmt: skip
-        text = "".join(ANSWER)
+            events = sse_events(head.replace("{kind}", ".chunk" if chat else ""), chat, usage, include_usage, tokens)
+            if interval > 0 and len(tokens) > 1:
+                return paced_chunked_response(events, len(tokens), interval, keep_alive)
+            return chunked_response_bytes(events, keep_alive)
+        text = "".join(tokens)
         if chat:
             choice = (f'{{"index":0,"message":{{"role":"assistant","content":"{text}","reasoning_content":null,'
                       f'"tool_calls":[]}},"logprobs":null,"finish_reason":"length","stop_reason":null}}')  # fmt: skip
@@ -198,9 +259,12 @@ class FakeEngine:
             choice = (f'{{"index":0,"text":"{text}","logprobs":null,"finish_reason":"length","stop_reason":null,'
                       f'"prompt_logprobs":null}}')  # fmt: skip
         payload = f'{head.replace("{kind}", "")}"choices":[{choice}],"usage":{usage},"prompt_logprobs":null}}'
-        return response_bytes(200, payload.encode(), keep_alive=keep_alive)
+        whole = response_bytes(200, payload.encode(), keep_alive=keep_alive)
+        if interval > 0 and len(tokens) > 1:
+            return Paced([whole], interval, first_delay_s=interval * (len(tokens) - 1))
+        return whole
 
-    _routes: dict[bytes, tuple[bytes, Callable[[FakeEngine, bytes, bool], bytes]]] = {
+    _routes: dict[bytes, tuple[bytes, Callable[[FakeEngine, bytes, bool, Headers], bytes | Paced]]] = {
         b"/health": (b"GET", _health),
         b"/v1/models": (b"GET", _models_route),
         b"/metrics": (b"GET", _metrics),
@@ -211,12 +275,12 @@ class FakeEngine:
     }
 
 
-def sse_events(head: str, chat: bool, usage: str, include_usage: bool) -> list[bytes]:
-    """`data: ...\\n\\n` events: three token chunks, the usage chunk if asked, `[DONE]`.
-    `head` is the opening of every chunk object up to and including `"model":...,`."""
+def sse_events(head: str, chat: bool, usage: str, include_usage: bool, tokens: list[str] = ANSWER) -> list[bytes]:
+    """`data: ...\\n\\n` events: one chunk per token (three by default), the usage chunk if
+    asked, `[DONE]`. `head` is the opening of every chunk object up to and including `"model":...,`."""
     events = []
-    for i, token in enumerate(ANSWER):
-        finish = '"length"' if i == len(ANSWER) - 1 else "null"
+    for i, token in enumerate(tokens):
+        finish = '"length"' if i == len(tokens) - 1 else "null"
         if chat:
             delta = f'{{"role":"assistant","content":"{token}"}}' if i == 0 else f'{{"content":"{token}"}}'
             choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}'
@@ -229,25 +293,51 @@ def sse_events(head: str, chat: bool, usage: str, include_usage: bool) -> list[b
     return events
 
 
+def paced_chunked_response(events: list[bytes], tokens: int, interval_s: float, keep_alive: bool = True) -> Paced:
+    """`chunked_response_bytes` in `tokens` parts: the head and the first token event, then
+    one token event per part, the last part also carrying what follows the last token (the
+    usage event, `[DONE]`, the end of the body)."""
+    whole = chunked_response_bytes(events, keep_alive)
+    head_end = whole.index(b"\r\n\r\n") + 4
+    chunks = [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+    parts = [whole[:head_end] + chunks[0], *chunks[1 : tokens - 1], b"".join(chunks[tokens - 1 :]) + b"0\r\n\r\n"]
+    return Paced(parts, interval_s)
+
+
 class HTTPProtocol(asyncio.Protocol):
-    """HTTP/1.1 with keep-alive and pipelining; every request answered in `data_received`."""
+    """HTTP/1.1 with keep-alive and pipelining; every request answered in `data_received`, a
+    `Paced` answer over time (the requests after it on the connection wait for its end)."""
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self._paced: Paced | None = None
+        self._paced_next = 0
+        self._paced_close = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        self.engine.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.engine.connections -= 1
+        if self._paced is not None:  # the client left mid-answer: the engine aborts it
+            self._end_paced()
+            self.engine.aborted += 1
 
     def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self._paced is None:
+            self._process()
+
+    def _process(self) -> None:
         buffer = self.buffer
-        buffer += data
-        out = []
+        out: list[bytes] = []
         close = False
+        paced: Paced | None = None
         while True:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -265,6 +355,7 @@ class HTTPProtocol(asyncio.Protocol):
             length = 0
             connection = b""
             chunked = False
+            pace: dict[bytes, bytes] = {}
             for line in lines[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
@@ -274,6 +365,8 @@ class HTTPProtocol(asyncio.Protocol):
                     connection = value.strip().lower()
                 elif name == b"transfer-encoding":
                     chunked = b"chunked" in value.lower()
+                elif name == TOKENS_HEADER or name == INTER_TOKEN_HEADER:
+                    pace[name] = value.strip()
             keep_alive = connection != b"close" if version == b"HTTP/1.1" else connection == b"keep-alive"
             if chunked or length > MAX_BODY:
                 out.append(response_bytes(411 if chunked else 413, b'{"detail":"unsupported body"}', keep_alive=False))
@@ -283,7 +376,12 @@ class HTTPProtocol(asyncio.Protocol):
                 break  # wait for the rest of the body
             body = bytes(buffer[end + 4 : end + 4 + length])
             del buffer[: end + 4 + length]
-            out.append(self.engine.handle(method, path, body, keep_alive))
+            answer = self.engine.handle(method, path, body, keep_alive, pace or None)
+            if isinstance(answer, Paced):
+                paced = answer
+                self._paced_close = not keep_alive
+                break
+            out.append(answer)
             if not keep_alive:
                 close = True
                 break
@@ -293,6 +391,40 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if close:
             self.transport.close()
+        elif paced is not None:
+            self._start_paced(paced)
+
+    def _start_paced(self, paced: Paced) -> None:
+        engine = self.engine
+        engine.active += 1
+        engine.peak_active = max(engine.peak_active, engine.active)
+        self._paced, self._paced_next = paced, 0
+        if paced.first_delay_s > 0:
+            self._timer = asyncio.get_running_loop().call_later(paced.first_delay_s, self._write_next)
+        else:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        paced, transport = self._paced, self.transport
+        if paced is None or transport is None:
+            return
+        transport.write(paced.parts[self._paced_next])
+        self._paced_next += 1
+        if self._paced_next < len(paced.parts):
+            self._timer = asyncio.get_running_loop().call_later(paced.interval_s, self._write_next)
+            return
+        self._end_paced()
+        if self._paced_close:
+            transport.close()
+        elif self.buffer:
+            self._process()  # requests pipelined behind the paced answer
+
+    def _end_paced(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._paced = None
+        self.engine.active -= 1
 
 
 async def serve(engine: FakeEngine, host: str, port: int, ready: Callable[[], None] | None = None) -> None:
@@ -332,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="tiny-llama", help="the served model name")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the tiny model, built if missing)")
+    parser.add_argument("--tokens", type=int, default=len(ANSWER), help="completion tokens per answer")
+    parser.add_argument("--inter-token-ms", type=float, default=0.0,
+                        help="pace of a streamed answer (0: all at once); a non-streamed one waits (tokens-1) times this")
     args = parser.parse_args(argv)
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
-    engine = FakeEngine(args.model, str(tokenizer_dir))
+    engine = FakeEngine(args.model, str(tokenizer_dir), tokens=args.tokens, inter_token_s=args.inter_token_ms / 1000)
     engine.load_tokenizer()  # before listening: /tokenize must answer at once when /health does
     run_loop(serve(engine, args.host, args.port,
                    ready=lambda: print(f"fake engine {args.model} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)))  # fmt: skip

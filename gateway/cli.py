@@ -88,7 +88,7 @@ def serve(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
         else:
             from gateway.app import build_app
 
-            app = build_app(config, config_file=file, config_digest=digest)
+            app = build_app(config, config_file=file, config_digest=digest, freeze_gc=True)
             server = uvicorn.Server(uvicorn.Config(app, **server_options(config)))
             server.run()
     except KeyboardInterrupt:

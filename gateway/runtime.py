@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httpx
 
@@ -64,12 +65,14 @@ class GatewayRuntime:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         shared: SharedFleetState | None = None,
+        on_tokenizer_loaded: Callable[[], None] | None = None,
     ) -> None:
         """For `config.engines` (local engines already resolved). `transport` replaces the
         network for every engine call (tests); `shared` is what this worker shares with the
         others (gateway.workers). Raises ConfigError for a policy that cannot be built."""
         self._transport = transport
         self._shared = shared
+        self._on_tokenizer_loaded = on_tokenizer_loaded
         kv = config.kv_index
         self.metrics = GatewayMetrics()
         self.layout = KVLayout(kv.block_size)
@@ -262,6 +265,7 @@ class GatewayRuntime:
             _tokenizer_settings(config), engine, registry,
             offload_min_chars=config.kv_index.tokenize_offload_min_chars, head_chars=config.kv_index.tokenize_head_chars,
             on_status=lambda model, status: metrics.tokenizer_ready.labels(model).set(1 if status.ok else 0),
+            on_loaded=self._on_tokenizer_loaded,
         )  # fmt: skip
 
     def _build(self, config: GatewayConfig, plan: RoutingPlan, registry: EndpointRegistry) -> Generation:

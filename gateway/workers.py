@@ -88,7 +88,7 @@ def create_app() -> FastAPI:
     config = parse_config(data["config"], os.environ[CONFIG_ENV])
     file = None if data["file"] is None else ConfigFile.model_validate(data["file"])
     shared = SharedFleetState.attach(os.environ[SHARED_ENV])
-    app = build_app(config, shared=shared, config_file=file, config_digest=data["digest"])
+    app = build_app(config, shared=shared, config_file=file, config_digest=data["digest"], freeze_gc=True)
     app.state.shared = shared
     return app
 

@@ -67,7 +67,11 @@ class ModelTokenizers:
         offload_min_chars: int = 2048,
         head_chars: int = 1024,
         on_status: Callable[[str, TokenizerStatus], None] | None = None,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
+        """`on_loaded`: called after each local tokenizer is loaded (the server freezes what
+        exists then, gateway.app.freeze_long_lived: a tokenizer loaded after start-up, for an
+        engine that joined later, brings as many objects as one loaded before)."""
         self._settings = dict(settings)
         self._engine = engine
         self._registry = registry
@@ -75,6 +79,7 @@ class ModelTokenizers:
         self._offload_min_chars = offload_min_chars
         self._head_chars = head_chars
         self._on_status = on_status
+        self._on_loaded = on_loaded
         self._loaded: dict[str, HFPromptTokenizer] = {}  # by source: one load each
         self._use_local: dict[str, HFPromptTokenizer] = {}  # by model, once verified
         self.status: dict[str, TokenizerStatus] = {}
@@ -191,6 +196,8 @@ class ModelTokenizers:
                 return None, None
             return None, f"cannot load tokenizer {source} for model {model}: {type(exc).__name__}: {exc}"
         self._loaded[source] = loaded
+        if self._on_loaded is not None:
+            self._on_loaded()
         return loaded, None
 
     def _set(self, model: str, status: TokenizerStatus) -> TokenizerStatus:
