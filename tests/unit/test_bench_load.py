@@ -127,17 +127,25 @@ def test_paced_answers_over_http_count_while_running_and_stop_when_the_client_le
             assert 'fake_engine_active_responses 1\n' in httpx.get(f"{url}/metrics").text
             rest = [line for line in lines if line]
         assert time.perf_counter() - started >= 0.29 and rest[-1] == "data: [DONE]" and len(rest) == 4
-        assert fake.active == 0 and fake.peak_active == 1
+        # The engine counts the response done just after its last byte: polled, not raced.
+        wait_idle(fake)
+        assert fake.peak_active == 1
         # The next request on the same kept-alive connection is served after the paced one.
         assert client.get("/health").status_code == 200
         with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
                            headers={"x-fake-tokens": "50", "x-fake-inter-token-ms": "100"}) as resp:  # fmt: skip
             next(resp.iter_lines())
         # Leaving early closed the connection: the engine stops the stream.
-        deadline = time.monotonic() + 2
-        while fake.active and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fake.active == 0 and fake.aborted == 1
+        wait_idle(fake)
+        assert fake.aborted == 1
+
+
+def wait_idle(fake: FakeEngine, timeout_s: float = 20.0) -> None:
+    """Generous: the suite must pass with both cores busy with other work."""
+    deadline = time.monotonic() + timeout_s
+    while fake.active:
+        assert time.monotonic() < deadline, "the fake engine kept a response running"
+        time.sleep(0.01)
 
 
 # -- end to end ------------------------------------------------------------------------------
