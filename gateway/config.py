@@ -126,7 +126,9 @@ class LimitsConfig(_Strict):
         # The header timeout runs from the end of the previous response as well: an idle
         # connection kept longer would be cut by it, counted as a slow client.
         if self.keep_alive_timeout_s > self.header_read_timeout_s:
-            raise ValueError("keep_alive_timeout_s must not exceed header_read_timeout_s")
+            if "keep_alive_timeout_s" in self.model_fields_set:
+                raise ValueError("keep_alive_timeout_s must not exceed header_read_timeout_s")
+            self.keep_alive_timeout_s = self.header_read_timeout_s  # the default, under a short header timeout
         return self
 
 

@@ -40,6 +40,8 @@ def test_bad_api_key_entries_are_named(keys: list[object], fragment: str) -> Non
 def test_keep_alive_may_not_outlast_the_header_timeout() -> None:
     with pytest.raises(ConfigError, match="keep_alive_timeout_s"):
         parse_config({"engines": ENGINES, "limits": {"header_read_timeout_s": 2, "keep_alive_timeout_s": 3}})
+    # Its default gives way to a short header timeout.
+    assert parse_config({"engines": ENGINES, "limits": {"header_read_timeout_s": 2}}).limits.keep_alive_timeout_s == 2
 
 
 def test_the_configuration_survives_the_trip_to_the_workers() -> None:
