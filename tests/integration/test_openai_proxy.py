@@ -123,14 +123,18 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
     body = {"model": MODEL_NAME, "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
     started = time.perf_counter()
     first_chunk_at = None
+    num_reads = 0
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as resp:
         for _ in resp.iter_raw():
+            num_reads += 1
             if first_chunk_at is None:
                 first_chunk_at = time.perf_counter() - started
     total = time.perf_counter() - started
     assert first_chunk_at is not None
-    # 400 tokens take a while to generate; the first must arrive long before the last.
-    assert first_chunk_at < total / 4, (first_chunk_at, total)
+    # A buffering proxy delivers the 400 tokens at once, at the end (ratio ~1, one read or
+    # two). Passed through, they arrive as generated: the ratio was 0.05-0.28 here, the last on a
+    # machine busy with other work (the engine's first token then takes a larger share).
+    assert first_chunk_at < 0.6 * total and num_reads >= 20, (first_chunk_at, total, num_reads)
 
 
 # Asked of an engine by the abort tests: far more than it makes before the client leaves (the
