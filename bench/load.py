@@ -1,6 +1,6 @@
 """Many concurrent streams, and a long steady load, through the gateway against fake engines.
 
-    python -m bench.load streams [--streams 5000] [--ramp-s 25] [--hold-s 10] [--inter-token-ms 1000]
+    python -m bench.load streams [--streams 5000] [--ramp-s 50] [--hold-s 10] [--inter-token-ms 1000]
     python -m bench.load soak [--rate 50] [--duration-s 1800] [--window-s 60]
     python -m bench.load streams soak ...        # both, one after the other, on the same fake engines
 
@@ -157,7 +157,9 @@ def error_kind(exc: BaseException) -> str:
         return "payload"
     if isinstance(exc, OSError) and exc.errno:
         return f"os_{errno.errorcode.get(exc.errno, exc.errno)}"
-    return type(exc).__name__
+    # No errno (aiohttp's "Cannot write to closing transport"...): the message says which.
+    message = re.sub(r"\s+", " ", str(exc)).strip()[:60]
+    return f"{type(exc).__name__}({message})" if message else type(exc).__name__
 
 
 def histogram_quantiles(text: str, name: str, qs: Sequence[float]) -> dict[str, float]:
@@ -385,6 +387,9 @@ async def request_once(session: Any, url: str, body: bytes, headers: dict[str, s
                     outcome.kind = "no_done"
     except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
         outcome.kind = error_kind(exc)
+        if outcome.kind in ("timeout", "disconnected") or outcome.kind.startswith("os_"):  # where it broke
+            outcome.kind += ("_before_headers" if outcome.headers is None else
+                             "_before_first_byte" if outcome.ttft is None else "_mid_stream")  # fmt: skip
     outcome.duration = time.perf_counter() - start
     if outcome.connected is not None:
         outcome.connected -= start
@@ -605,6 +610,11 @@ async def streams_phase(args: argparse.Namespace, f: Fleet, url: str, pid: int) 
                                   metrics_ms, max(0.0, (now[4] - last[4]) - (now[1] - last[1])) / dt)  # fmt: skip
             last = now
             result.samples.append(sample)
+            if len(result.samples) % max(1, round(10 / args.sample_s)) == 0:
+                log(f"streams: t {sample.t:.0f} s: open {sample.client_open}, answered {sample.client_streaming}, "
+                    f"gateway in-flight {sample.gateway_in_flight}, engines {sample.engines_active}, "
+                    f"done {len(result.outcomes)} (errors {sum(o.kind != 'ok' for o in result.outcomes)}), "
+                    f"fds {sample.fds}, gateway {sample.gateway_cores:.2f} cores")  # fmt: skip
             if sample.client_streaming > best:
                 best, result.peak = sample.client_streaming, snap
             if done.is_set():
@@ -825,6 +835,8 @@ class Window:
     gateway_cores: float = 0.0
     client_cores: float = 0.0
     in_flight: int = 0  # client requests not finished at the window's end
+    send_lag_p99_ms: float = float("nan")  # how late this client sent (its own starvation)
+    load_avg: float = float("nan")  # the machine's 1-minute load average at the window's end
 
 
 @dataclass
@@ -869,6 +881,7 @@ async def soak_phase(args: argparse.Namespace, f: Fleet, url: str, pid: int) -> 
     lags: list[float] = []
     pending: set[asyncio.Future[None]] = set()
     sent_in_window = [0]
+    lag_mark = [0]  # lags before it belong to earlier windows
 
     async def one(body: bytes, stream: bool, due: float) -> None:
         outcome = await request_once(session, url + CHAT_PATH, body, headers, timeout, stream, due - begin)
@@ -891,7 +904,9 @@ async def soak_phase(args: argparse.Namespace, f: Fleet, url: str, pid: int) -> 
         window = Window(index, round(end_t, 1), sent_in_window[0], len(batch), error_counts(batch),
                         {"p50": percentile(ok_ms, 50), "p99": percentile(ok_ms, 99)},
                         {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99)}, snap.rss_mib, snap.fds,
-                        (now[1] - last[1]) / dt, (now[2] - last[2]) / dt, len(pending))  # fmt: skip
+                        (now[1] - last[1]) / dt, (now[2] - last[2]) / dt, len(pending),
+                        percentile(lags[lag_mark[0] :], 99), os.getloadavg()[0])  # fmt: skip
+        lag_mark[0] = len(lags)
         last[:] = now
         sent_in_window[0] = 0
         log(f"soak window {index}: sent {window.sent}, done {window.completed}, errors {_kinds(window.errors)}, "
@@ -949,9 +964,11 @@ def soak_report(r: SoakResult, f: Fleet, args: argparse.Namespace) -> tuple[str,
     windows = [w for w in r.windows if w.sent or w.completed]
     rows = [[w.index + 1, f"{w.end_t:.0f}", w.sent, w.completed, _kinds(w.errors), f"{w.latency_ms['p50']:.1f}",
              f"{w.latency_ms['p99']:.1f}", f"{w.ttft_ms['p50']:.1f}", f"{w.ttft_ms['p99']:.1f}", f"{w.rss_mib:.1f}",
-             w.fds, f"{w.gateway_cores:.2f}", f"{w.client_cores:.2f}"] for w in windows]  # fmt: skip
+             w.fds, f"{w.gateway_cores:.2f}", f"{w.client_cores:.2f}", f"{w.send_lag_p99_ms:.0f}",
+             f"{w.load_avg:.1f}"] for w in windows]  # fmt: skip
     table = markdown_table(["window", "t (s)", "sent", "done", "errors", "p50 ms", "p99 ms", "TTFT p50 ms",
-                            "TTFT p99 ms", "gateway RSS MiB", "gateway fds", "gateway cores", "client cores"], rows)  # fmt: skip
+                            "TTFT p99 ms", "gateway RSS MiB", "gateway fds", "gateway cores", "client cores",
+                            "client send lag p99 ms", "load avg"], rows)  # fmt: skip
     rss = [(w.end_t, w.rss_mib) for w in windows]
     fds = [(w.end_t, float(w.fds)) for w in windows]
     half = [w for w in windows if w.end_t > r.duration_s / 2]
@@ -988,7 +1005,8 @@ def soak_report(r: SoakResult, f: Fleet, args: argparse.Namespace) -> tuple[str,
         f"Gateway: policy {f.policy}, the defaults otherwise"
         + (f"; set for the test: {', '.join(r.changed)}" if r.changed else " (no server limit exists to raise)") + ".",
         f"Windows of {args.window_s:g} s; a request counts in the window it finished in; RSS and fds at the "
-        "window's end. Settled: after the client closed its pool and the gateway's idle upstream connections expired.",
+        "window's end. Settled: after the client closed its pool and the gateway's idle upstream connections expired. "
+        "A window with a high client send lag or load average measured a busy machine (this client starved too).",
         f"Machine: {os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.2f}.",
     ]  # fmt: skip
     body = "\n\n".join([summary, "### Per window\n\n" + table, "\n".join(f"- {n}" for n in notes)])
@@ -1102,7 +1120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="print only; no file under bench/reports")
     streams = parser.add_argument_group("streams")
     streams.add_argument("--streams", type=int, default=5000, help="concurrent streams")
-    streams.add_argument("--ramp-s", type=float, default=25.0, help="seconds over which they are opened")
+    streams.add_argument("--ramp-s", type=float, default=50.0,
+                         help="seconds over which they are opened (25: the gateway's core saturates, see docs/reliability.md)")
     streams.add_argument("--hold-s", type=float, default=10.0, help="seconds all of them stay open at once")
     streams.add_argument("--inter-token-ms", type=float, default=1000.0, help="the engines' pace per stream")
     streams.add_argument("--prompt-tokens", type=int, default=200, help="the shared system prompts' size")
