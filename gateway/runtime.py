@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import httpx
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 # How long start-up (or a reload that turns prefix routing on) waits for the tokenizer
 # checks; slower ones finish in the background.
 TOKENIZER_CHECK_TIMEOUT_S = 20.0
+# How long a worker waits for the others to start before it serves anyway (a worker that
+# cannot start at all must not keep the gateway closed).
+WORKERS_READY_TIMEOUT_S = 60.0
 
 
 class GatewayRuntime:
@@ -145,6 +149,8 @@ class GatewayRuntime:
             # Token ids checked against the engines before the first request.
             await self.tokenizers.check_all(timeout_s=TOKENIZER_CHECK_TIMEOUT_S)
             await self._follow(registry.endpoints)
+        if self._shared is not None:
+            await wait_for_other_workers(self._shared, config.server.workers)
 
     async def stop(self) -> None:
         if self.tokenizers is not None:
@@ -340,3 +346,17 @@ class GatewayRuntime:
 
 def _tokenizer_settings(config: GatewayConfig) -> dict[str, str]:
     return {m.name: m.tokenizer for m in config.models}
+
+
+async def wait_for_other_workers(shared: SharedFleetState, num_workers: int) -> None:
+    """Return once every worker follows the engines' events. Each worker's index learns a
+    block only from the event that announced it: a worker still starting while another
+    already served would never learn the blocks of those first requests."""
+    shared.mark_ready()
+    deadline = time.monotonic() + WORKERS_READY_TIMEOUT_S
+    while shared.num_ready() < num_workers:
+        if time.monotonic() > deadline:
+            logger.warning("serving before the other workers: %d of %d are ready after %g s",
+                           shared.num_ready(), num_workers, WORKERS_READY_TIMEOUT_S)  # fmt: skip
+            return
+        await asyncio.sleep(0.05)

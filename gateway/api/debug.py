@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -62,6 +63,9 @@ def build_debug_router() -> APIRouter:
                 "cost_model": estimator.cost_model.describe(),
                 "transfer_model": estimator.transfer_model.describe() if estimator.transfer_enabled else None,
                 "explain_ms": (time.perf_counter() - started) * 1000,
+                # With `server.workers` > 1 each worker has its own index, fed by the same
+                # events: which one answered tells an operator (or a test) whose view this is.
+                "worker_pid": os.getpid(),
             }
         )
 

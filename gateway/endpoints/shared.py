@@ -131,6 +131,15 @@ class SharedFleetState:
         total = sum(cells[start + row * self.slots] for row in range(self.rows))
         return total - cells[self._in_flight_cell(self.row, slot)]
 
+    def mark_ready(self) -> None:
+        """This worker serves from now on (a file per row: a restarted worker finds the
+        others' marks, and its dead predecessor's, already there)."""
+        Path(f"{self.path}.ready{self.row}").touch()
+
+    def num_ready(self) -> int:
+        """Workers that have said they serve since the gateway started."""
+        return len(list(self.path.parent.glob(f"{self.path.name}.ready*")))
+
     def _draining_cell(self, slot: int) -> int:
         return _HEADER + self.slots + self.rows * self.slots + slot
 

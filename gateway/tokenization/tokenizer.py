@@ -70,6 +70,9 @@ class PromptTokenizer(Protocol):
         ...
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 class HFPromptTokenizer:
     def __init__(
         self,
@@ -80,10 +83,13 @@ class HFPromptTokenizer:
         offload_min_chars: int = 2048,
         head_chars: int = 1024,
     ) -> None:
-        from transformers import AutoTokenizer
-
         self.source = str(source)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.source, local_files_only=local_files_only)
+        # transformers imports its modules lazily, and two threads doing it at once can fail
+        # ("cannot import name 'AutoTokenizer'"): models load in threads, one at a time.
+        with _LOAD_LOCK:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.source, local_files_only=local_files_only)
         self._executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         # Work no request waits for (whole encodings behind heads) runs at the lowest CPU
         # priority: on idle cycles, never in the way of requests.

@@ -57,15 +57,38 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.1)
 
 
-def gpu_chunks_held(gateway: Gateway, prompt: str, engine: str) -> int:
+def gpu_chunks_held(gateway: Gateway, prompt: str, engine: str) -> tuple[int, int]:
     """How many leading chunks of `prompt` the gateway's index says `engine` holds on GPU
-    (from the engine's events; speculative entries do not count). Asked through
-    /debug/route so the index is only touched from the gateway's own event loop."""
+    (from the engine's events; speculative entries do not count), and the pid of the worker
+    that said so. Asked through /debug/route so the index is only touched from the gateway's
+    own event loop."""
     resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": prompt},
                       headers={"authorization": "Bearer admin"}, timeout=30)  # fmt: skip
     resp.raise_for_status()
-    engines = resp.json()["engines"]
-    return int(engines[engine]["matched_chunks_by_tier"].get(TIER_GPU, 0)) if engine in engines else 0
+    explained = resp.json()
+    engines = explained["engines"]
+    held = int(engines[engine]["matched_chunks_by_tier"].get(TIER_GPU, 0)) if engine in engines else 0
+    return held, int(explained["worker_pid"])
+
+
+def num_workers(gateway: Gateway) -> int:
+    return int(gateway.config["server"].get("workers", 1)) if isinstance(gateway, GatewayProcess) else 1
+
+
+def wait_until_held(gateway: Gateway, prompt: str, engine: str, condition: Callable[[int], bool], what: str,
+                    timeout_s: float = 30) -> None:  # fmt: skip
+    """Poll until every worker's index says of `engine`'s chunks of `prompt` what `condition`
+    wants. Each worker follows the engines' events on its own: one worker's answer says nothing
+    of another's, and the next request may go to either (the kernel picks who accepts)."""
+    latest: dict[int, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        held, pid = gpu_chunks_held(gateway, prompt, engine)
+        latest[pid] = held
+        if len(latest) == num_workers(gateway) and all(condition(n) for n in latest.values()):
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: chunks held per worker {latest}"
+        time.sleep(0.05)
 
 
 def prefix_gateway_config(policy: str, engine_configs: list[dict[str, Any]],
@@ -106,7 +129,7 @@ def test_shared_prefix_follows_the_cache_and_prediction_matches_the_engine(gatew
     engine = first.headers["x-gateway-engine"]
     assert cached(first) <= BLOCK_SIZE  # nobody held it
     # The engine's BlockStored events reach the index.
-    wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events for the prefix")
+    wait_until_held(gateway, prefix, engine, lambda n: n > 0, "KV events for the prefix")
     second = complete(gateway, prefix + " second question")
     assert second.headers["x-gateway-engine"] == engine
     predicted = int(second.headers["x-gateway-predicted-cached-tokens"])
@@ -120,7 +143,7 @@ def test_shared_prefix_follows_the_cache_and_prediction_matches_the_engine(gatew
 def test_debug_route_explains_without_sending(gateway: Gateway) -> None:
     prefix = text_of(3000 + hash(gateway.url) % 1000, 600)
     engine = complete(gateway, prefix + " warm").headers["x-gateway-engine"]
-    wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events")
+    wait_until_held(gateway, prefix, engine, lambda n: n > 0, "KV events")
     before = gateway.metric("gateway_requests_total")
     resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": prefix + " explain"},
                       headers={"authorization": "Bearer admin"}, timeout=30)  # fmt: skip
@@ -136,7 +159,7 @@ def test_debug_route_explains_without_sending(gateway: Gateway) -> None:
 def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(gateway: Gateway) -> None:
     prefix = text_of(5000 + hash(gateway.url) % 1000, 500)
     engine = complete(gateway, prefix + " a").headers["x-gateway-engine"]
-    wait_until(lambda: gpu_chunks_held(gateway, prefix, engine) > 0, 10, "KV events")
+    wait_until_held(gateway, prefix, engine, lambda n: n > 0, "KV events")
     body = {"model": MODEL_NAME, "prompt": prefix + " b", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, timeout=60) as resp:
         text = resp.read().decode()
@@ -181,12 +204,14 @@ def check_groups_spread(gateway: Gateway) -> None:
     for round_no in range(3):
         for g, group in enumerate(groups):
             resp = complete(gateway, group + f" round {round_no}")
-            placements[g].add(resp.headers["x-gateway-engine"])
+            engine = resp.headers["x-gateway-engine"]
+            placements[g].add(engine)
             prompt_tokens = resp.json()["usage"]["prompt_tokens"]
             first_tokens = first_tokens or prompt_tokens
             if round_no > 0:
                 repeats.append(cached(resp) / prompt_tokens)
-            time.sleep(0.3)  # let the events land, as real traffic would
+            if round_no == 0:  # the next group is placed knowing where this one went
+                wait_until_held(gateway, group, engine, lambda n: n > 0, f"KV events of group {g}")
     assert first_tokens is not None and 3 * first_tokens > KV_BLOCKS_PER_ENGINE * BLOCK_SIZE
     assert all(len(p) == 1 for p in placements.values()), placements  # each group stays put
     assert sorted(Counter(next(iter(p)) for p in placements.values()).values()) == [2, 2]
@@ -199,7 +224,7 @@ def test_eviction_and_restart_are_reflected_in_the_index(
 ) -> None:
     prompt = text_of(11000 + hash(gateway.url) % 1000, 900)
     engine = complete(gateway, prompt).headers["x-gateway-engine"]
-    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) > 20, 10, "KV events")
+    wait_until_held(gateway, prompt, engine, lambda n: n > 20, "KV events")
     # Fill that engine's cache directly (not through the gateway) until the prompt's blocks
     # are evicted (vLLM evicts a sequence's tail first, so fill well past capacity);
     # BlockRemoved events must retract the index's claim.
@@ -207,13 +232,13 @@ def test_eviction_and_restart_are_reflected_in_the_index(
     for i in range(7):
         httpx.post(f"{url}/v1/completions", json={"model": MODEL_NAME, "prompt": text_of(12000 + i, 1200),
                    "max_tokens": 1}, timeout=60).raise_for_status()  # fmt: skip
-    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) == 0, 10, "BlockRemoved to reach the index")
+    wait_until_held(gateway, prompt, engine, lambda n: n == 0, "BlockRemoved to reach the index")
     direct = httpx.post(f"{url}/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1}, timeout=60)
     assert cached(direct) < 64  # the engine really had evicted it
     # Now it is cached again (the direct request); a restart must make the index forget it.
-    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) > 20, 10, "KV events after re-caching")
+    wait_until_held(gateway, prompt, engine, lambda n: n > 20, "KV events after re-caching")
     engine_fleet.restart(engine)
-    wait_until(lambda: gpu_chunks_held(gateway, prompt, engine) == 0, 15, "the index to forget a restarted engine")
+    wait_until_held(gateway, prompt, engine, lambda n: n == 0, "the index to forget a restarted engine")
 
 
 def test_a_gateway_started_after_the_engines_cached_learns_from_their_reports(

@@ -80,3 +80,32 @@ def test_processes_share_the_counts(tmp_path: Path) -> None:
     finally:
         done.set()
         worker.join(10)
+
+
+def test_a_worker_serves_once_every_worker_is_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers wait for each other before serving, so each follows the engines' events
+    before any request makes the engines announce blocks; one that cannot start does not
+    keep the others closed for longer than WORKERS_READY_TIMEOUT_S."""
+    import asyncio
+
+    from gateway import runtime
+
+    path = SharedFleetState.create(tmp_path / "state", rows=4, slots=2)
+    a, b = SharedFleetState.attach(path), SharedFleetState.attach(path)
+
+    async def both_start() -> None:
+        first = asyncio.create_task(runtime.wait_for_other_workers(a, 2))
+        await asyncio.sleep(0.2)
+        assert not first.done()  # b has not started yet
+        await asyncio.wait_for(runtime.wait_for_other_workers(b, 2), 5)
+        await asyncio.wait_for(first, 5)
+
+    asyncio.run(both_start())
+    # A worker restarted later finds the marks there and serves at once.
+    c = SharedFleetState.attach(path)
+    asyncio.run(asyncio.wait_for(runtime.wait_for_other_workers(c, 2), 1))
+    # One of three never starts: the others serve after the timeout.
+    monkeypatch.setattr(runtime, "WORKERS_READY_TIMEOUT_S", 0.3)
+    asyncio.run(asyncio.wait_for(runtime.wait_for_other_workers(a, 4), 5))
+    for state in (a, b, c):
+        state.close()
