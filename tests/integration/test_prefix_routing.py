@@ -170,12 +170,17 @@ def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(ga
 
 
 def test_shared_system_prompt_spreads_across_engines(gateway: Gateway) -> None:
+    """Eight clients at once share a system prompt: the engine that caches it first must not
+    take them all. Affinity gives way to load (`max_load_imbalance`), which needs requests that
+    overlap: each generates 128 tokens, long enough that the first ones are still running when
+    the others arrive even on a starved machine (with 16, a CPU hog once let every request end
+    before the next came, and all 24 rightly went to the cache)."""
     system = text_of(7000 + hash(gateway.url) % 1000, 700)
 
     def session(i: int) -> str:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}: " + text_of(i, 40)}]
         resp = httpx.post(f"{gateway.url}/v1/chat/completions",
-                          json={"model": MODEL_NAME, "messages": messages, "max_tokens": 16, "ignore_eos": True},
+                          json={"model": MODEL_NAME, "messages": messages, "max_tokens": 128, "ignore_eos": True},
                           timeout=120)  # fmt: skip
         assert resp.status_code == 200, resp.text
         return resp.headers["x-gateway-engine"]
