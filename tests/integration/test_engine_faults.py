@@ -6,8 +6,6 @@ take it back once a probe succeeds after it resumes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ import pytest
 from engine_adapter.launch.launcher import EngineFleet
 from engine_adapter.metrics import parse_engine_metrics
 from tests.conftest import MODEL_NAME
-from tests.harness import GatewayServer, gateway_config
+from tests.harness import GatewayServer, engine_core, gateway_config, stopped
 
 # The tiny model's first token comes in well under a second on a busy two-core machine
 # (measured: 0.05-0.6 s), but took over 5 s with two CPU-bound processes running beside the
@@ -60,32 +58,6 @@ def session_on(gateway: GatewayServer, engine: str) -> dict[str, str]:
 def complete(gateway: GatewayServer, headers: dict[str, str], **extra: Any) -> httpx.Response:
     body = {"model": MODEL_NAME, "prompt": "Tell me", "max_tokens": 8, **extra}
     return httpx.post(f"{gateway.url}/v1/completions", json=body, headers=headers, timeout=120)
-
-
-def engine_core(fleet: EngineFleet, name: str) -> psutil.Process:
-    """vLLM's engine-core process of engine `name` (the API server is its parent)."""
-    process = fleet.by_name(name).process
-    assert process is not None
-    for child in psutil.Process(process.pid).children(recursive=True):
-        if "EngineCore" in child.name() or any("EngineCore" in part for part in child.cmdline()):
-            return child
-    raise AssertionError(f"engine {name} has no EngineCore process")
-
-
-@contextmanager
-def stopped(pids: list[int]) -> Iterator[None]:
-    """The processes stopped (SIGSTOP) for the block's duration, resumed whatever happens
-    (unless the block killed them)."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
 
 
 LONG_STREAM = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
