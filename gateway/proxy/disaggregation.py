@@ -141,13 +141,26 @@ class Disaggregation:
             return False
         return any(e.role != "both" and request.model in e.models for e in self._router.registry.endpoints)
 
+    def _can_split(self, request: RoutingRequest) -> bool:
+        if not self.applies(request):
+            return False
+        candidates = self._router.registry.candidates(request.model, request.excluded)
+        return any(map(can_prefill, candidates)) and any(map(can_decode, candidates))
+
+    def explain(self, request: RoutingRequest) -> dict[str, str | None] | None:
+        """The engines `first_attempt` would choose now, committing nothing (/debug/route);
+        None: the request would be served unified. A decode of None: unified on the prefill
+        engine (no other engine can decode)."""
+        if not self._can_split(request):
+            return None
+        prefill = self._router.evaluate(request, can_prefill).endpoint
+        decode = self._decode_engine(request, prefill, rotate=False)
+        return {"prefill": prefill.id, "decode": None if decode is None else decode.id}
+
     async def first_attempt(self, request: RoutingRequest, body: bytes) -> FirstAttempt | None:
         """Run the prefill and return the decode step; None: route unified as usual (no split,
         no engine for a part, or the prefill failed)."""
-        if not self.applies(request):
-            return None
-        candidates = self._router.registry.candidates(request.model, request.excluded)
-        if not any(map(can_prefill, candidates)) or not any(map(can_decode, candidates)):
+        if not self._can_split(request):
             return None
         decision = self._router.route(request, can_prefill)
         prefill = decision.endpoint
@@ -170,11 +183,12 @@ class Disaggregation:
             m.disaggregated_requests.labels("cancelled").inc()
             raise
         m.disaggregated_engine_requests.labels("decode", decode.id).inc()
-        totals = {e.id: -e.load for e in (decode,)}
-        return FirstAttempt(RoutingDecision(decode, DECODE_POLICY, totals), decode_body(body, params), prefill.id)
+        decision = RoutingDecision(decode, DECODE_POLICY, {decode.id: -decode.load})
+        return FirstAttempt(decision, decode_body(body, params), prefill.id)
 
-    def _decode_engine(self, request: RoutingRequest, prefill: Endpoint) -> Endpoint | None:
-        """The least loaded decode-capable engine other than `prefill` (ties take turns)."""
+    def _decode_engine(self, request: RoutingRequest, prefill: Endpoint, rotate: bool = True) -> Endpoint | None:
+        """The least loaded decode-capable engine other than `prefill` (ties take turns when
+        `rotate`)."""
         decoders = [
             e for e in self._router.registry.candidates(request.model, request.excluded)
             if can_decode(e) and e is not prefill
@@ -183,7 +197,7 @@ class Disaggregation:
             return None
         least = min(e.load for e in decoders)
         tied = [e for e in decoders if e.load <= least]
-        return tied[next(self._tie_breaker) % len(tied)]
+        return tied[next(self._tie_breaker) % len(tied)] if rotate and len(tied) > 1 else tied[0]
 
     async def _prefill(self, request: RoutingRequest, engine: Endpoint) -> dict[str, Any]:
         """The prefill engine's `kv_transfer_params`, or PrefillFailed."""

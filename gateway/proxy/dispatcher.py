@@ -95,6 +95,10 @@ class Dispatcher:
             fleet=lambda: [e.id for e in router.registry.endpoints]
         )
 
+    @property
+    def disaggregation(self) -> Disaggregation:
+        return self._disaggregation
+
     async def dispatch(self, request: RoutingRequest, body: bytes, started_at: float) -> PassthroughResponse:
         """Raises a GatewayError when no engine could answer; otherwise the response is the
         engine's own (4xx included), committed to that engine."""

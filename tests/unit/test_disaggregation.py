@@ -237,8 +237,26 @@ def test_the_prefill_engine_is_the_policys_choice_and_the_decode_engine_the_leas
             assert complete(gateway).headers["x-gateway-engine"] == other
 
 
+def explain(gateway: GatewayServer) -> dict[str, Any]:
+    resp = httpx.post(f"{gateway.url}/debug/route", json={"model": "m", "prompt": PROMPT},
+                      headers={"authorization": "Bearer admin"}, timeout=30)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+def test_debug_route_shows_both_parts_and_sends_nothing(fleet: PDFleet, gateways: list[GatewayServer]) -> None:
+    roles = {"p": "prefill", "b": "both", "d": "decode"}
+    gateways.append(gateway := ready(start(fleet, roles, server={"admin_token": "admin"})))
+    for _ in range(3):
+        parts = explain(gateway)["disaggregation"]
+        assert parts["prefill"] in ("p", "b") and parts["decode"] in ("b", "d") and parts["decode"] != parts["prefill"]
+    assert fleet.calls == []
+
+
 def test_without_a_split_requests_are_served_unified(fleet: PDFleet, gateways: list[GatewayServer]) -> None:
-    gateways.append(gateway := ready(start(fleet, {"a": "both", "b": "both"})))
+    gateways.append(gateway := ready(start(fleet, {"a": "both", "b": "both"}, server={"admin_token": "admin"})))
+    assert explain(gateway)["disaggregation"] is None
     for _ in range(4):
         assert complete(gateway).status_code == 200
     assert len(fleet.calls) == 4
