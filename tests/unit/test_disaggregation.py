@@ -306,6 +306,27 @@ def test_a_failed_prefill_is_served_unified_on_a_healthy_engine(
     assert gateway.metric("gateway_disaggregated_requests_total", outcome="complete") == 0
 
 
+def test_a_prefill_the_engine_refuses_as_a_bad_request_is_served_unified(
+    fleet: PDFleet, gateways: list[GatewayServer]
+) -> None:
+    # Say the engine refuses the one-token version of the request (a 4xx): the request itself
+    # is fine, so it is served unified, where either engine may take it.
+    gateways.append(gateway := ready(start(fleet, {"p": "prefill", "d": "decode"})))
+
+    def refuses_prefills(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if "kv_transfer_params" in body:
+            return engine_json(400, {"error": {"message": "min_tokens must be <= max_tokens", "code": 400}})
+        return fleet._answer("p", body)
+
+    fleet.broken["p"] = refuses_prefills
+    for _ in range(2):
+        resp = complete(gateway)
+        assert resp.status_code == 200 and "x-gateway-prefill-engine" not in resp.headers
+    assert gateway.metric("gateway_disaggregated_requests_total", outcome="prefill_failed") == 2
+    assert gateway.metric("gateway_engine_ejections_total") == 0  # not the engine's fault
+
+
 def test_a_prefill_answer_without_kv_transfer_params_is_served_unified(
     fleet: PDFleet, gateways: list[GatewayServer]
 ) -> None:
