@@ -58,7 +58,9 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, output_tokens: i
     stamps: list[float] = []
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         resp.raise_for_status()
-        engine = resp.headers.get("x-gateway-prefill-engine", "-") + "->" + resp.headers.get("x-gateway-engine", "?")
+        engine = resp.headers.get("x-gateway-engine", "?")
+        if "x-gateway-prefill-engine" in resp.headers:
+            engine = f"{resp.headers['x-gateway-prefill-engine']}->{engine}"
         run.engines[engine] = run.engines.get(engine, 0) + 1
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -110,7 +112,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
             f"{run.tokens / run.wall_s:.1f}", ", ".join(f"{k} x{v}" for k, v in sorted(run.engines.items())),
         ])  # fmt: skip
     headers = ["mode", "concurrency", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms",
-               "output tok/s", "prefill->decode engine"]  # fmt: skip
+               "output tok/s", "engines (prefill->decode)"]  # fmt: skip
     return markdown_table(headers, rows) + (
         f"\n\n{args.requests} streamed completions per row, fresh prompts of about {args.prompt_tokens} tokens, "
         f"{args.output_tokens} output tokens each (ignore_eos), through the gateway; times at the client. "
