@@ -252,6 +252,8 @@ def test_debug_route_shows_both_parts_and_sends_nothing(fleet: PDFleet, gateways
         parts = explain(gateway)["disaggregation"]
         assert parts["prefill"] in ("p", "b") and parts["decode"] in ("b", "d") and parts["decode"] != parts["prefill"]
     assert fleet.calls == []
+    listed = httpx.get(f"{gateway.url}/admin/engines", headers={"authorization": "Bearer admin"}, timeout=30).json()
+    assert {e["id"]: e["role"] for e in listed["engines"]} == roles
 
 
 def test_without_a_split_requests_are_served_unified(fleet: PDFleet, gateways: list[GatewayServer]) -> None:
