@@ -137,8 +137,11 @@ class Disaggregation:
         """The request's model has a prefill/decode split, and the request can be split."""
         if request.api_path not in (CHAT_PATH, COMPLETIONS_PATH) or request.pinned_engine is not None:
             return False
-        if request.body.get("n", 1) != 1:  # vLLM's P/D flow is one sequence per request
+        body = request.body
+        if body.get("n", 1) != 1:  # vLLM's P/D flow is one sequence per request
             return False
+        if body.get("prompt_logprobs") or (body.get("echo") and body.get("logprobs") is not None):
+            return False  # the prompt's logprobs: the decode engine computes no prompt
         return any(e.role != "both" and request.model in e.models for e in self._router.registry.endpoints)
 
     def _can_split(self, request: RoutingRequest) -> bool:

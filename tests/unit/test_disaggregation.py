@@ -266,6 +266,17 @@ def test_without_a_split_requests_are_served_unified(fleet: PDFleet, gateways: l
     assert gateway.metric("gateway_disaggregated_requests_total") == 0
 
 
+@pytest.mark.parametrize("extra", [{"n": 2}, {"prompt_logprobs": 1}, {"echo": True, "logprobs": 0}],
+                         ids=["n", "prompt_logprobs", "echo_logprobs"])  # fmt: skip
+def test_requests_the_flow_cannot_split_are_served_unified(
+    fleet: PDFleet, gateways: list[GatewayServer], extra: dict[str, Any]
+) -> None:
+    gateways.append(gateway := ready(start(fleet, {"p": "prefill", "d": "decode"})))
+    resp = complete(gateway, **extra)
+    assert resp.status_code == 200 and "x-gateway-prefill-engine" not in resp.headers
+    assert len(fleet.calls) == 1 and "kv_transfer_params" not in fleet.calls[0][1]
+
+
 def test_a_both_engine_prefills_or_decodes(fleet: PDFleet, gateways: list[GatewayServer]) -> None:
     # b may take either part; p only prefills, so whatever p prefills decodes on b.
     gateways.append(gateway := ready(start(fleet, {"p": "prefill", "b": "both"})))
