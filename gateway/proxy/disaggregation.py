@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_adapter.errors import says_engine_dead
+from engine_adapter.transfer.nixl import PREFILL_KV_PARAMS
 from gateway.config import ProxyConfig
 from gateway.endpoints.outlier import FIRST_BYTE_TIMEOUT, OutlierDetector
 from gateway.endpoints.registry import Endpoint
@@ -49,15 +50,6 @@ logger = logging.getLogger(__name__)
 PREFILL_ROLES = frozenset({"prefill", "both"})
 DECODE_ROLES = frozenset({"decode", "both"})
 DECODE_POLICY = "disaggregated_decode"  # the decode engine's routing decision, as metrics label it
-# What vLLM's disaggregated-serving proxy sends to the prefill engine; it fills in the rest.
-PREFILL_KV_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
 # A prefill answer is one token (with logprobs, a few KB): more is not a prefill answer.
 _PREFILL_ANSWER_LIMIT = 1 << 20
 

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from gateway.proxy.disaggregation import PREFILL_KV_PARAMS, decode_body, prefill_body
+from engine_adapter.transfer.nixl import PREFILL_KV_PARAMS
+from gateway.proxy.disaggregation import decode_body, prefill_body
 from tests.harness import GatewayServer, gateway_config
 from tests.unit.fake_engines import Engines
 from tests.unit.test_proxy import engine_json
