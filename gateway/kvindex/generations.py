@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from itertools import compress, filterfalse, repeat
+from itertools import compress, repeat
 from typing import Generic, TypeVar, cast
 
 CLOSED_MAX = 4  # more: finer recency and less table held while emptying, but slower misses
@@ -106,17 +106,17 @@ class Generations(Generic[K]):
         move into `young`, in that order."""
         if self._used:
             keys, self._used = [*self._used, *keys], []
-        if not self.closed:
-            return
-        keys = list(filterfalse(self.young.__contains__, keys))
-        values: list[int | None] = [None] * len(keys)
+        # Every closed generation is probed for a new key (one cache miss or more each, at
+        # millions of keys): that, not Python, is most of what this costs.
+        values: list[int | None] | None = None
         for generation in reversed(self.closed):
             if generation.keys().isdisjoint(keys):  # the usual case for new keys: no list built
                 continue
-            values = list(map(generation.pop, keys, values))  # as in `find_closed`
+            values = list(map(generation.pop, keys, values or repeat(None)))  # as in `find_closed`
             if None not in values:
                 break
-        self.young.update(cast("Iterator[tuple[K, int]]", compress(zip(keys, values), values)))
+        if values is not None:
+            self.young.update(cast("Iterator[tuple[K, int]]", compress(zip(keys, values), values)))
 
     def shrink(self) -> list[int]:
         """Close `young` when full, then drop keys until `capacity` and CLOSED_MAX hold; the

@@ -26,6 +26,7 @@ import heapq
 import itertools
 import operator
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
@@ -189,8 +190,9 @@ class InMemoryIndex:
                 del self._deadlines[(key, slot, index)]  # confirmed: no longer expires
         if added:
             self._counts[(slot, index)] = self._counts.get((slot, index), 0) + added
-        for mask in entries.shrink():
-            self._uncount(mask)
+        dropped = entries.shrink()
+        if dropped:
+            self._uncount(dropped)
 
     def evict(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str) -> None:
         slot = self._slots.get(engine)
@@ -234,16 +236,17 @@ class InMemoryIndex:
         else:
             del table[key]
 
-    def _uncount(self, mask: int) -> None:
-        """A whole key dropped: every (engine, tier) it had loses one chunk."""
+    def _uncount(self, masks: list[int]) -> None:
+        """Whole keys dropped: every (engine, tier) each had loses one chunk. Keys dropped
+        together mostly came in together, with one bitset: each distinct one is decoded once."""
         width = self._width
-        mask >>= width  # not the union slice
-        offset = width
-        while mask:
-            low = mask & -mask
-            index, slot = divmod(low.bit_length() - 1 + offset, width)
-            mask ^= low
-            self._counts[(slot, index)] -= 1
+        for mask, times in Counter(masks).items():
+            mask >>= width  # not the union slice
+            while mask:
+                low = mask & -mask
+                index, slot = divmod(low.bit_length() - 1 + width, width)
+                mask ^= low
+                self._counts[(slot, index)] -= times
 
     def _expire(self) -> None:
         now = self._clock()
