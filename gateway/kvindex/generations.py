@@ -11,7 +11,8 @@ the power of two it sits at) and an `OrderedDict` adds ~45 B for the linked list
   costs nothing.
 - A lookup only notes the closed keys it matched (`used`): they move with the next `promote`
   (the next add), which comes before any drop, so the outcome is the same as moving them at
-  once, and the request path writes nothing to the tables.
+  once, and the request path writes nothing to the tables (but when lookups come with
+  hardly any adds: after a generation's worth of such keys, the lookup moves them itself).
 - Beyond `capacity` keys, the oldest closed generation loses its keys in the order they
   entered it. At most CLOSED_MAX generations stay closed: a dict never shrinks, so one whose
   keys were mostly used again still holds its whole table; past that many, the oldest is
@@ -93,13 +94,16 @@ class Generations(Generic[K]):
             low, window = high, 2 * window
         return len(keys)
 
-    def used(self, keys: Iterable[K]) -> None:
+    def used(self, keys: Iterable[K]) -> list[int]:
         """A lookup matched `keys`; those in closed generations move into `young` with the
-        next `promote` or `shrink`."""
+        next `promote` or `shrink`. After a generation's worth of them (lookups with few adds
+        between: requests refused after their lookup), a `shrink` at once, whose drops it
+        returns: it closes `young` when full and lets go of the tables emptied by uses, which
+        would otherwise pile up until the next add."""
         self._used.extend(keys)
-        if len(self._used) >= min(_USED_MAX, self._generation_size):  # lookups, few adds
-            self.promote(())
-            self._close_if_full()
+        if len(self._used) >= min(_USED_MAX, self._generation_size):
+            return self.shrink()
+        return []
 
     def promote(self, keys: Sequence[K]) -> None:
         """The keys noted by `used`, then `keys`, are used: those a closed generation holds

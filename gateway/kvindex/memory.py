@@ -132,7 +132,9 @@ class InMemoryIndex:
         if depth == 0:
             return {}
         if depth > in_young:  # matched: in use again (young keys need nothing)
-            entries.used(keys[in_young:depth])
+            dropped = entries.used(keys[in_young:depth])
+            if dropped:
+                self._uncount(dropped)
         matches: dict[EngineId, PrefixMatch] = {}
         # Where a run shrinks, the bits it lost ended there; what is left at the end ran through.
         changed = itertools.compress(range(1, depth), map(operator.ne, runs, itertools.islice(runs, 1, depth)))

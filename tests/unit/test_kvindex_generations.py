@@ -1,4 +1,4 @@
-"""`InMemoryIndex` under capacity pressure: the two-generation approximate LRU of
+"""`InMemoryIndex` under capacity pressure: the generations (approximate LRU) of
 gateway/kvindex/generations.py (what is dropped first, what a use protects, what it costs)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from gateway.kvindex.base import TIER_CPU, TIER_GPU
-from gateway.kvindex.generations import Generations
+from gateway.kvindex.generations import CLOSED_MAX, Generations
 from gateway.kvindex.memory import InMemoryIndex
 from gateway.types import EngineId, PrefixMatch, RequestChunkKey
 
@@ -106,6 +106,13 @@ def test_engine_evictions_and_drops_agree_with_a_reference_under_pressure() -> N
     engines, tiers = [EngineId(f"e{i}") for i in range(5)], [TIER_GPU, TIER_CPU]
     reference: dict[int, set[tuple[str, str]]] = {}  # key -> (engine, tier) holding it
     drops = 0
+
+    def forget_dropped() -> int:
+        gone = [k for k in reference if not kept(index, k)]
+        for key in gone:
+            del reference[key]  # dropped by capacity, for every engine and tier
+        return len(gone)
+
     for step in range(3000):
         engine, tier = rng.choice(engines), rng.choice(tiers)
         start = rng.randrange(150)
@@ -125,14 +132,15 @@ def test_engine_evictions_and_drops_agree_with_a_reference_under_pressure() -> N
         else:
             index.lookup(span)
         assert len(index) <= capacity
-        for key in [k for k in reference if not kept(index, k)]:
-            del reference[key]  # dropped by capacity, for every engine and tier
-            drops += 1
+        drops += forget_dropped()
         assert len(index) == len(reference)
         if step % 25 == 0:
             for key in sorted(reference):
+                if key not in reference:
+                    continue  # dropped meanwhile: lookups alone drop past CLOSED_MAX generations
                 matches = index.lookup(keys(key))
                 assert {(e, t) for e, m in matches.items() for t in m.by_tier} == reference[key]
+                drops += forget_dropped()
             assert len(index) == len(reference)
             for engine in engines:
                 for tier in tiers:
@@ -173,3 +181,21 @@ def test_keys_a_lookup_used_move_before_the_next_drop() -> None:
     generations.young.update({5: 50, 6: 60, 7: 70, 8: 80, 9: 90})  # 9 keys: one goes
     assert generations.shrink() == [20]  # key 1's use counted first: key 2 goes
     assert generations.holder(1) is generations.closed[-1]
+
+
+def test_lookups_without_adds_do_not_pile_up_tables() -> None:
+    # Requests refused after their lookup (limits, no healthy engine) add nothing: the keys
+    # they use move into `young` without closing one table after another, and the closed
+    # tables they empty go.
+    index = InMemoryIndex(capacity_chunks=1000)  # generations of 250 keys
+    all_keys = keys(*range(1000))
+    for start in range(0, 1000, 16):
+        index.add(A, all_keys[start : start + 16], TIER_GPU)
+    for _ in range(50):
+        for start in range(0, 1000, 50):
+            assert lengths(index.lookup(all_keys[start : start + 50])) == {"a": 50}
+    assert len(index._entries.tables()) <= 1 + CLOSED_MAX
+    assert all(index._entries.closed)  # no emptied table kept
+    assert len(index) == 1000 and index.num_chunks(A) == 1000
+    index.add(A, keys(5000), TIER_GPU)  # the next add closes the grown `young` and drops a key
+    assert len(index) == 1000 and index.num_chunks(A) == 1000
