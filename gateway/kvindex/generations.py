@@ -31,6 +31,7 @@ it).
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from itertools import compress, repeat
@@ -72,6 +73,18 @@ class Generations(Generic[K]):
             if key in table:
                 return table
         return None
+
+    def held(self, keys: Sequence[K]) -> Iterator[tuple[dict[K, int], K]]:
+        """Each of `keys` a generation holds, with that generation, for changes that are not
+        uses (as `holder`): one C loop a generation, newest first, over the keys not found
+        yet. The caller may change or delete the entries it is given as it goes."""
+        remaining = keys
+        for table in (self.young, *reversed(self.closed)):
+            values = list(map(table.get, remaining))
+            yield from zip(repeat(table), compress(remaining, values))  # values are never 0
+            remaining = list(compress(remaining, map(operator.not_, values)))
+            if not remaining:
+                return
 
     def find_closed(self, keys: Sequence[K], found: list[int | None], start: int) -> int:
         """Fill the gaps of `found` (the values from `young`, None where it lacks the key) from

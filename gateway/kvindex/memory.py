@@ -200,9 +200,7 @@ class InMemoryIndex:
         slot = self._slots.get(engine)
         if slot is None:
             return
-        index = self._slice(tier)
-        for key in keys:
-            self._remove(key, slot, index)
+        self._remove_held(self._entries.held(keys), slot, self._slice(tier))
 
     def clear_engine(self, engine: EngineId) -> None:
         slot = self._slots.get(engine)
@@ -223,20 +221,31 @@ class InMemoryIndex:
 
     def _remove(self, key: RequestChunkKey, slot: int, index: int) -> None:
         table = self._entries.holder(key)
-        if table is None:
-            return
-        mask = table[key]
+        if table is not None:
+            self._remove_held(((table, key),), slot, index)
+
+    def _remove_held(
+        self, held: Iterable[tuple[dict[RequestChunkKey, int], RequestChunkKey]], slot: int, index: int
+    ) -> None:
+        """(slot, tier) no longer holds these keys, each in the generation given (no move)."""
         tier_bit = self._bit(slot, index)
-        if not mask & tier_bit:
-            return
-        self._counts[(slot, index)] -= 1
-        mask &= ~tier_bit
-        if not mask & self._engine_mask(slot) & ~self._bit(slot, _ANY):
-            mask &= ~self._bit(slot, _ANY)  # no tier left for this engine
-        if mask:
-            table[key] = mask
-        else:
-            del table[key]
+        any_bit = self._bit(slot, _ANY)
+        tiers_of_engine = self._engine_mask(slot) & ~any_bit
+        removed = 0
+        for table, key in held:
+            mask = table.get(key)  # read here: a key named twice is gone the second time
+            if mask is None or not mask & tier_bit:
+                continue
+            removed += 1
+            mask &= ~tier_bit
+            if not mask & tiers_of_engine:
+                mask &= ~any_bit  # no tier left for this engine
+            if mask:
+                table[key] = mask
+            else:
+                del table[key]
+        if removed:
+            self._counts[(slot, index)] -= removed
 
     def _uncount(self, masks: list[int]) -> None:
         """Whole keys dropped: every (engine, tier) each had loses one chunk. Keys dropped

@@ -199,3 +199,17 @@ def test_lookups_without_adds_do_not_pile_up_tables() -> None:
     assert len(index) == 1000 and index.num_chunks(A) == 1000
     index.add(A, keys(5000), TIER_GPU)  # the next add closes the grown `young` and drops a key
     assert len(index) == 1000 and index.num_chunks(A) == 1000
+
+
+def test_evicting_keys_across_generations_counts_each_once() -> None:
+    index = InMemoryIndex(capacity_chunks=8)  # generations of 2 keys
+    index.add(A, keys(1, 2), TIER_GPU)
+    index.add(A, keys(3, 4), TIER_GPU)
+    index.add(A, keys(5), TIER_GPU)
+    index.add(A, keys(1, 5), TIER_CPU)  # key 1 moves to the young generation
+    index.evict(A, keys(1, 1, 3, 5, 3, 99), TIER_GPU)  # young, closed, named twice, nobody's
+    assert index.num_chunks(A) == 2 and index.num_chunks(A, TIER_CPU) == 2
+    assert [k for k in range(1, 6) if held(index, k)] == [1, 2, 4, 5]
+    assert index.lookup(keys(1))[A].by_tier == {TIER_CPU: 1}
+    index.evict(A, keys(1, 5), TIER_CPU)  # no tier left: the keys go
+    assert [k for k in range(1, 6) if kept(index, k)] == [2, 4] and len(index) == 2
