@@ -63,6 +63,29 @@ def event_ingest_rate(num_blocks: int, num_engines: int) -> float:
     return len(batches) * 16 / (time.perf_counter() - start)
 
 
+def drop_us_per_key(num_keys: int, num_engines: int) -> float:
+    """Microseconds per key to drop one engine's keys from an index of `num_keys` keys spread
+    over `num_engines` (gateway.kvindex.removal, as a reset or a reload's removal runs it: every
+    tier of each key the engine's events stored, 2,048 keys a step of the event loop)."""
+    import asyncio
+
+    from gateway.kvindex.removal import drop_engine
+
+    index = InMemoryIndex(capacity_chunks=num_keys)
+    engines = [EngineId(f"e{i}") for i in range(num_engines)]
+    mine: list[RequestChunkKey] = []
+    for b in range(num_keys // 16):
+        batch = keys(b, 16)
+        index.add(engines[b % num_engines], batch, TIER_GPU)
+        if b % num_engines == 0:
+            mine += batch
+    start = time.perf_counter()
+    asyncio.run(drop_engine(index, engines[0], mine))  # in batches, as the gateway does
+    elapsed = time.perf_counter() - start
+    assert index.num_chunks(engines[0]) == 0
+    return elapsed / len(mine) * 1e6
+
+
 def lookup_ms(num_keys: int, num_engines: int, repeats: int, after_closing: bool = False) -> float:
     """With `after_closing`, `num_keys` other keys come in before each lookup: enough, at this
     capacity, to close the index's young generation (gateway/kvindex/generations.py) with the
@@ -132,6 +155,7 @@ def main() -> None:
          f"{ingest_rate(1_000_000 // scale, 8, 250_000 // scale):,.0f} blocks/s", "≥ 500,000 blocks/s"],
         ["event ingest (keys from tokens, block 16), 8 engines",
          f"{event_ingest_rate(200_000 // scale, 8):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        ["drop an engine's keys (1 of 8 engines, 2M keys)", f"{drop_us_per_key(2_000_000 // scale, 8):.2f} µs/key", ""],
         ["lookup 32k tokens (2,048 keys), 8 engines", f"{lookup_ms(2048, 8, 50):.3f} ms", ""],
         ["lookup 32k tokens (2,048 keys), 256 engines", f"{lookup_ms(2048, 256, 50):.3f} ms", "≤ 0.5 ms"],
         ["the same, first after the prompt's generation closed (2,048 other keys came in)",
