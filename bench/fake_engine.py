@@ -26,6 +26,10 @@ What it serves (everything a router in front of vLLM asks for):
   progress as `vllm:num_requests_running`, and `fake_engine_active_responses`,
   `fake_engine_peak_active_responses`, `fake_engine_open_connections`,
   `fake_engine_aborted_responses_total` (client gone before the end).
+- vLLM's prefill/decode flow (NixlConnector): a completion with `kv_transfer_params.do_remote_decode`
+  is a prefill: one token, not streamed, with `kv_transfer_params` naming this engine as the
+  one to pull from (`remote_engine_id` `fake-<pid>`); one with `do_remote_prefill` is
+  answered as any other (nothing is pulled).
 - Anything else: 404 `{"detail": "Not Found"}` (FastAPI's shape: a router probing `/render`
   learns the engine has no such route).
 
@@ -236,6 +240,10 @@ class FakeEngine:
         if not isinstance(request, dict):
             raise ValueError("the body must be a JSON object")
         count, interval = self._pace(headers)
+        params = request.get("kv_transfer_params")
+        prefill = isinstance(params, dict) and bool(params.get("do_remote_decode"))
+        if prefill:  # vLLM's prefill side of P/D: one token, whole
+            count, interval, request["stream"] = 1, 0.0, False
         tokens = answer_tokens(count)
         self._counter += 1
         prompt_tokens = max(1, len(body) // 4)
@@ -258,7 +266,13 @@ class FakeEngine:
         else:
             choice = (f'{{"index":0,"text":"{text}","logprobs":null,"finish_reason":"length","stop_reason":null,'
                       f'"prompt_logprobs":null}}')  # fmt: skip
-        payload = f'{head.replace("{kind}", "")}"choices":[{choice}],"usage":{usage},"prompt_logprobs":null}}'
+        extra = ""
+        if prefill:
+            extra = ',"kv_transfer_params":' + _dumps({
+                "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": f"fake-{os.getpid()}",
+                "remote_request_id": rid, "remote_block_ids": [[0]], "remote_host": "127.0.0.1", "remote_port": 0,
+                "tp_size": 1}).decode()  # fmt: skip
+        payload = f'{head.replace("{kind}", "")}"choices":[{choice}],"usage":{usage},"prompt_logprobs":null{extra}}}'
         whole = response_bytes(200, payload.encode(), keep_alive=keep_alive)
         if interval > 0 and len(tokens) > 1:
             return Paced([whole], interval, first_delay_s=interval * (len(tokens) - 1))

@@ -148,6 +148,16 @@ class EngineConfig(_Strict):
     # The engine runs vLLM's NixlConnector (kv_role kv_both): it can give its cached KV to
     # another such engine and take theirs (see `kv_transfer`).
     kv_transfer: bool = False
+    # Prefill/decode disaggregation (gateway.proxy.disaggregation): "prefill" engines compute
+    # prompts, "decode" engines pull that KV and generate, "both" do either (and everything
+    # when the fleet has no split). A split needs NIXL: prefill and decode need `kv_transfer`.
+    role: Literal["prefill", "decode", "both"] = "both"
+
+    @model_validator(mode="after")
+    def _role_needs_kv_transfer(self) -> EngineConfig:
+        if self.role != "both" and not self.kv_transfer:
+            raise ValueError(f"role {self.role!r} needs kv_transfer: true (the decode engine pulls the KV over NIXL)")
+        return self
 
     @field_validator("url")
     @classmethod

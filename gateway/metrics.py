@@ -123,6 +123,23 @@ class GatewayMetrics:
             "alternative), transfer_estimated (the plan), observed (transfer start to first byte).",
             ["kind"], registry=r,
         )  # fmt: skip
+        # Prefill/decode disaggregation (gateway.proxy.disaggregation). Outcomes: complete,
+        # client_disconnected, upstream_failed, upstream_stalled (the decode engine's response, as
+        # for any response), cancelled (the client left during the prefill), prefill_failed
+        # (served unified instead), decode_failed (the decode engine failed before its first
+        # byte: retried unified).
+        self.disaggregated_requests = Counter(
+            "gateway_disaggregated_requests", "Requests served with prefill and decode on two engines, by outcome.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.disaggregated_engine_requests = Counter(
+            "gateway_disaggregated_engine_requests", "Disaggregated requests sent to an engine, by phase "
+            "(prefill, decode) and engine.", ["phase", "engine"], registry=r,
+        )  # fmt: skip
+        self.disaggregated_prefill_duration = Histogram(
+            "gateway_disaggregated_prefill_duration_seconds", "A successful prefill step, sent to answered.",
+            ["engine"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
 
         # Configuration reloads (gateway.reload), counted by every worker process that reads the file.
         self.config_reloads = Counter(

@@ -11,6 +11,8 @@ KV events (ZMQ fan-out), hence its own index, tokenizers and cost model. What a 
 alone: the speculative entries it wrote (until the engine's own events reach every worker, a
 few milliseconds after the prefill), the working sets it routed, and the Responses ids it
 saw (the ids the gateway names say their engine to any worker: gateway.proxy.response_affinity).
+Workers start serving together (`runtime.wait_for_other_workers`): an engine announces a block
+once, so a worker still subscribing while another served would never learn those blocks.
 
 Each worker also follows the configuration file itself (gateway.reload): it reads the file
 when it changes, and on SIGHUP, which the parent forwards to every worker (`run_supervisor`).

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import uvicorn
 import yaml
 
 from bench.fake_engine import FakeEngine, HTTPProtocol
+from engine_adapter.launch.launcher import EngineFleet
 from gateway.app import build_app
 from gateway.cli import fit_to_host, server_options
 from gateway.config import GatewayConfig, parse_config
@@ -237,3 +239,29 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def engine_core(fleet: EngineFleet, name: str) -> psutil.Process:
+    """vLLM's engine-core process of engine `name` (the API server is its parent)."""
+    process = fleet.by_name(name).process
+    assert process is not None
+    for child in psutil.Process(process.pid).children(recursive=True):
+        if "EngineCore" in child.name() or any("EngineCore" in part for part in child.cmdline()):
+            return child
+    raise AssertionError(f"engine {name} has no EngineCore process")
+
+
+@contextmanager
+def stopped(pids: list[int]) -> Iterator[None]:
+    """The processes stopped (SIGSTOP) for the block's duration, resumed whatever happens
+    (unless the block killed them)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass

@@ -27,9 +27,9 @@ from typing import Any
 import anyio
 import httpx
 
-# What vLLM's disaggregated-prefill proxy sends to the prefill side; the engine fills in the
-# rest in its answer.
-_PREPARE_PARAMS: dict[str, Any] = {
+# What vLLM's disaggregated-prefill proxy sends to the prefill side (a KV transfer's holder,
+# a disaggregated request's prefill engine); the engine fills in the rest in its answer.
+PREFILL_KV_PARAMS: dict[str, Any] = {
     "do_remote_decode": True,
     "do_remote_prefill": False,
     "remote_engine_id": None,
@@ -111,7 +111,7 @@ class NixlPullTransfer:
         self, holder: EngineAddress, model: str, prefix_token_ids: Sequence[int], *, request_id: str
     ) -> dict[str, Any]:
         """Step 1: the holder pins P's blocks for a remote reader and says where they are."""
-        body = _one_token_request(model, prefix_token_ids, dict(_PREPARE_PARAMS))
+        body = _one_token_request(model, prefix_token_ids, dict(PREFILL_KV_PARAMS))
         data = await self._post(holder, body, "prepare", request_id)
         params = data.get("kv_transfer_params")
         if not isinstance(params, dict) or not params.get("remote_block_ids"):

@@ -33,6 +33,7 @@ def endpoint_state(endpoint: Endpoint, now: float) -> dict[str, Any]:
         "healthy": endpoint.healthy,
         "draining": endpoint.is_draining,
         "kv_transfer": endpoint.kv_transfer,
+        "role": endpoint.role,
         "ejected": endpoint.ejected_until > now,
         "ejection_reason": endpoint.ejection_reason if endpoint.ejected_until > now else None,
         "models": sorted(endpoint.models),

@@ -57,6 +57,9 @@ def build_debug_router() -> APIRouter:
             {
                 "policy": decision.policy,
                 "chosen": decision.endpoint.id,
+                # A model with a prefill/decode split: the engines each part would go to
+                # (`chosen` is then what serving unified would take). None: served unified.
+                "disaggregation": generation.dispatcher.disaggregation.explain(routing_request),
                 "prompt_tokens": routing_request.num_prompt_tokens,
                 "num_chunks": len(routing_request.chunk_keys),
                 "engines": engines,

@@ -44,6 +44,10 @@ def check_request(api_path: str, data: dict[str, Any], *, allow_chat_templates: 
             _text(value, name)
     if "stream" in data:
         data["stream"] = as_bool(data["stream"], "stream")
+    if "kv_transfer_params" in data:
+        # The gateway moves KV itself (KV transfers, prefill/decode disaggregation). A client's
+        # own would have a NIXL engine pull blocks from whatever host and port it names.
+        raise BadRequest("kv_transfer_params is set by the gateway, not by clients.", param="kv_transfer_params")
     # A missing field is the engine's to refuse: the gateway only needs what is there to be usable.
     if api_path == CHAT_PATH and "messages" in data:
         _messages(data["messages"])

@@ -24,6 +24,8 @@ class Endpoint:
     api_key: str | None = None
     # Runs vLLM's NixlConnector: can give and take cached KV (gateway.routing.ttft).
     kv_transfer: bool = False
+    # Prefill/decode disaggregation: "prefill", "decode" or "both" (gateway.proxy.disaggregation).
+    role: str = "both"
     # Models from the config; `discovered_models` comes from GET /v1/models.
     configured_models: frozenset[str] = frozenset()
     discovered_models: frozenset[str] = frozenset()
@@ -63,6 +65,7 @@ class Endpoint:
             kv_capacity_blocks=config.kv_capacity_blocks,
             api_key=config.api_key,
             kv_transfer=config.kv_transfer,
+            role=config.role,
             configured_models=frozenset(config.models),
         )
 
@@ -72,6 +75,7 @@ class Endpoint:
         self.kv_capacity_blocks = new.kv_capacity_blocks
         self.api_key = new.api_key
         self.kv_transfer = new.kv_transfer
+        self.role = new.role
         self.configured_models = frozenset(new.models)
         events = (new.kv_events_endpoint, new.kv_events_replay_endpoint)
         if events == (running.kv_events_endpoint, running.kv_events_replay_endpoint):

@@ -32,6 +32,7 @@ from gateway.errors import (
 from gateway.kvindex.service import PrefixService
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSES_PATH
+from gateway.proxy.disaggregation import Disaggregation, FirstAttempt
 from gateway.proxy.feedback import PredictionFeedback
 from gateway.proxy.ledger import Attempt, LoadLedger
 from gateway.proxy.response_affinity import ResponseAffinity, name_response
@@ -58,6 +59,7 @@ RETRYABLE_STATUSES = frozenset({502, 503})
 ENGINE_HEADER = "x-gateway-engine"
 PREDICTED_CACHED_HEADER = "x-gateway-predicted-cached-tokens"
 PROMPT_TOKENS_HEADER = "x-gateway-prompt-tokens"
+PREFILL_ENGINE_HEADER = "x-gateway-prefill-engine"
 # What FastAPI (vLLM's server) answers for a path it has no route for.
 _NO_SUCH_ROUTE = {"detail": "Not Found"}
 
@@ -85,10 +87,17 @@ class Dispatcher:
         self._ledger = LoadLedger(prefix, cost_model, metrics)
         self._feedback = PredictionFeedback(cost_model, metrics, prefix)
         self._transfers = transfers
+        self._disaggregation = Disaggregation(
+            router, client, self._ledger, self._feedback, outlier, metrics, config, prefix, transfers
+        )
         # Responses API: response id -> the engine that stored it.
         self.responses = responses if responses is not None else ResponseAffinity(
             fleet=lambda: [e.id for e in router.registry.endpoints]
         )
+
+    @property
+    def disaggregation(self) -> Disaggregation:
+        return self._disaggregation
 
     async def dispatch(self, request: RoutingRequest, body: bytes, started_at: float) -> PassthroughResponse:
         """Raises a GatewayError when no engine could answer; otherwise the response is the
@@ -106,13 +115,16 @@ class Dispatcher:
         strip_usage = False
         if self._prefix is not None and request.stream and request.api_path in (CHAT_PATH, COMPLETIONS_PATH):
             body, strip_usage = ask_for_usage(request.body, body)
+        # Prefill/decode disaggregation: the prefill runs here, the decode is the first attempt.
+        first: FirstAttempt | None = await self._disaggregation.first_attempt(request, body)
         last_error: GatewayError | None = None
         for attempt_no in range(self._config.max_retries + 1):
-            decision = self._router.route(request)
-            attempt = self._ledger.acquire(request, decision.endpoint)
+            decode = first if attempt_no == 0 and first is not None and first.prefill_engine is not None else None
+            decision = first.decision if attempt_no == 0 and first is not None else self._router.route(request)
             endpoint = decision.endpoint
+            attempt = self._ledger.acquire_decode(endpoint) if decode else self._ledger.acquire(request, endpoint)
             self._metrics.routing_decisions.labels(decision.policy, endpoint.id).inc()
-            if self._transfers is not None and attempt_no == 0:
+            if self._transfers is not None and attempt_no == 0 and decode is None:
                 try:
                     transfer = await self._transfers.prepare(request, endpoint)
                 except BaseException:  # cancelled (client gone): nothing was sent for it
@@ -123,6 +135,7 @@ class Dispatcher:
             headers = upstream_headers(request.headers, endpoint, request.request_id)
             outgoing = (
                 name_response(self.responses, request.body, body, endpoint.id) if request.api_path == RESPONSES_PATH
+                else decode.body if decode is not None
                 else body
             )  # fmt: skip
             try:
@@ -167,7 +180,8 @@ class Dispatcher:
                     or attempt_no == self._config.max_retries
                     or self._pinned(request, endpoint)
                 ):
-                    return self._respond(request, decision, attempt, upstream, started_at, strip_usage)
+                    return self._respond(request, decision, attempt, upstream, started_at, strip_usage,
+                                         prefill_engine=decode.prefill_engine if decode else None)  # fmt: skip
                 await upstream.aclose()
                 self._ledger.release(attempt)
                 if dead:
@@ -177,6 +191,8 @@ class Dispatcher:
                 last_error = None
                 reason = "engine_dead" if dead else f"status_{upstream.status_code}"
             logger.warning("request %s: engine %s failed (%s), retrying", request.request_id, endpoint.id, reason)
+            if decode is not None:  # the decode engine: the retries are unified
+                self._metrics.disaggregated_requests.labels("decode_failed").inc()
             self._metrics.upstream_retries.labels(reason).inc()
             request.excluded.add(endpoint.id)
             if not self._router.candidates_left(request):
@@ -330,13 +346,16 @@ class Dispatcher:
         strip_usage: bool,
         *,
         observe: bool | None = None,
+        prefill_engine: str | None = None,
     ) -> PassthroughResponse:
         """`observe`: check the prediction and feed the cost model from the engine's usage
-        (default: for the APIs the gateway routes by prefix, not for pass-through ones)."""
+        (default: for the APIs the gateway routes by prefix, not for pass-through ones; never
+        for a disaggregated request's decode engine, given `prefill_engine`: its time to first
+        token is the prefill's and the pull's, its prefill engine's answer was observed)."""
         endpoint = decision.endpoint
         route = request.api_path
         if observe is None:
-            observe = route not in PASSTHROUGH_PATHS
+            observe = route not in PASSTHROUGH_PATHS and prefill_engine is None
         if self._prefix is not None and upstream.status_code == 200:
             self._prefix.record_routed(request, endpoint)
         first_byte_at: list[float] = []
@@ -367,6 +386,8 @@ class Dispatcher:
             elif outcome == "complete":
                 self._outlier.record_success(endpoint)
             status = str(upstream.status_code) if outcome == "complete" else outcome
+            if prefill_engine is not None:
+                self._metrics.disaggregated_requests.labels(outcome).inc()
             self._metrics.requests.labels(endpoint.id, request.model, route, status).inc()
             self._metrics.request_latency.labels(request.model, route).observe(time.perf_counter() - started_at)
             if outcome == "client_disconnected":
@@ -377,6 +398,8 @@ class Dispatcher:
                 self._feedback.observe(request, attempt, tap.usage, ttft)
 
         headers = {ENGINE_HEADER: endpoint.id, "x-request-id": request.request_id}
+        if prefill_engine is not None:
+            headers[PREFILL_ENGINE_HEADER] = prefill_engine
         if attempt.predicted_cached is not None and request.num_prompt_tokens is not None:
             headers[PREDICTED_CACHED_HEADER] = str(attempt.predicted_cached)
             if not request.num_prompt_tokens_estimated:

@@ -46,6 +46,14 @@ class LoadLedger:
         self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)
         return attempt
 
+    def acquire_decode(self, endpoint: Endpoint) -> Attempt:
+        """A disaggregated request's decode engine: it pulls the prompt's KV, computing none of
+        it, so nothing joins its prefill queue (and no cached tokens are predicted there)."""
+        attempt = Attempt(endpoint, None, 0.0, queued_s=endpoint.pending_prefill_s, running=endpoint.load)
+        endpoint.add_in_flight(1)
+        self._metrics.in_flight.labels(endpoint.id).set(endpoint.in_flight)
+        return attempt
+
     def reprice(self, request: RoutingRequest, attempt: Attempt, transfer: CompletedTransfer) -> None:
         """After a transfer the engine holds more of the prompt: less to prefill."""
         attempt.transfer = transfer

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.errors import ModelNotFound, NoHealthyEndpoint
 from gateway.routing.registry import WeightedScorer
 from gateway.types import EngineId, RoutingRequest
+
+
+# Which engines a routing decision may choose among (the model's candidates otherwise).
+Pool = Callable[[Endpoint], bool]
 
 
 @dataclass(slots=True)
@@ -41,8 +45,12 @@ class Router:
     def registry(self) -> EndpointRegistry:
         return self._registry
 
-    def candidates(self, request: RoutingRequest) -> Sequence[Endpoint]:
+    def candidates(self, request: RoutingRequest, pool: Pool | None = None) -> Sequence[Endpoint]:
+        """`pool`: only the engines it accepts (prefill/decode disaggregation picks among the
+        prefill-capable ones); the caller checks first that the pool has some."""
         candidates = self._registry.candidates(request.model, request.excluded)
+        if pool is not None:
+            candidates = [e for e in candidates if pool(e)]
         if request.pinned_engine is not None:
             # Only that engine while it can take the request; otherwise (down, draining,
             # ejected, already tried) the others, which then answer for themselves.
@@ -55,9 +63,9 @@ class Router:
             raise ModelNotFound(f"The model `{request.model}` does not exist.", param="model")
         raise NoHealthyEndpoint(f"No healthy engine is available for model `{request.model}`; retry later.")
 
-    def evaluate(self, request: RoutingRequest) -> RoutingDecision:
+    def evaluate(self, request: RoutingRequest, pool: Pool | None = None) -> RoutingDecision:
         """Score every candidate and pick one, without committing (no scorer state changes)."""
-        candidates = self.candidates(request)
+        candidates = self.candidates(request, pool)
         totals: dict[EngineId, float] = {e.id: 0.0 for e in candidates}
         by_scorer: dict[str, dict[EngineId, float]] = {}
         for weighted in self._scorers:
@@ -71,8 +79,8 @@ class Router:
         chosen = tied[next(self._tie_breaker) % len(tied)] if len(tied) > 1 else tied[0]
         return RoutingDecision(chosen, self._policy, totals, by_scorer)
 
-    def route(self, request: RoutingRequest) -> RoutingDecision:
-        decision = self.evaluate(request)
+    def route(self, request: RoutingRequest, pool: Pool | None = None) -> RoutingDecision:
+        decision = self.evaluate(request, pool)
         for weighted in self._scorers:
             weighted.scorer.on_routed(request, decision.endpoint)
         return decision

@@ -6,8 +6,6 @@ take it back once a probe succeeds after it resumes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -19,8 +17,9 @@ import psutil
 import pytest
 
 from engine_adapter.launch.launcher import EngineFleet
+from engine_adapter.metrics import parse_engine_metrics
 from tests.conftest import MODEL_NAME
-from tests.harness import GatewayServer, gateway_config
+from tests.harness import GatewayServer, engine_core, gateway_config, stopped
 
 # The tiny model's first token comes in well under a second on a busy two-core machine
 # (measured: 0.05-0.6 s), but took over 5 s with two CPU-bound processes running beside the
@@ -61,26 +60,36 @@ def complete(gateway: GatewayServer, headers: dict[str, str], **extra: Any) -> h
     return httpx.post(f"{gateway.url}/v1/completions", json=body, headers=headers, timeout=120)
 
 
-def engine_core(fleet: EngineFleet, name: str) -> psutil.Process:
-    """vLLM's engine-core process of engine `name` (the API server is its parent)."""
-    process = fleet.by_name(name).process
-    assert process is not None
-    for child in psutil.Process(process.pid).children(recursive=True):
-        if "EngineCore" in child.name() or any("EngineCore" in part for part in child.cmdline()):
-            return child
-    raise AssertionError(f"engine {name} has no EngineCore process")
+LONG_STREAM = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
 
 
 @contextmanager
-def stopped(pids: list[int]) -> Iterator[None]:
-    """The processes stopped (SIGSTOP) for the block's duration, resumed whatever happens."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+def core_stopped_mid_stream(gateway: GatewayServer, fleet: EngineFleet, headers: dict[str, str]) -> Iterator[tuple[Iterator[str], psutil.Process]]:  # fmt: skip
+    """A long stream through the gateway to engine-0, 10 events read, then engine-0's core
+    stopped (SIGSTOP) while it still generates: the stream's remaining lines and the core.
+
+    Whether the core still generates is read from the engine's own count of running requests
+    (its API server answers /metrics from the last figures the core sent with its outputs). A
+    client starved of CPU reads far behind a fast engine, which then may have generated all
+    8,000 tokens before the 10th event is read (seen with a CPU hog): such an attempt proves
+    nothing and is started over."""
+    core = engine_core(fleet, "engine-0")
+    url = fleet.by_name("engine-0").spec.url
+    for _ in range(3):
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=LONG_STREAM, headers=headers, timeout=120) as resp:  # fmt: skip
+            assert resp.headers["x-gateway-engine"] == "engine-0"
+            lines = resp.iter_lines()
+            received = 0
+            for line in lines:
+                received += line.startswith("data: ")
+                if received == 10:
+                    break
+            with stopped([core.pid]):
+                metrics = httpx.get(f"{url}/metrics", timeout=30).text
+                if parse_engine_metrics(metrics).num_requests_running >= 1:
+                    yield lines, core
+                    return
+    raise AssertionError("engine-0 finished every stream before its core could be stopped")
 
 
 def wait_back_in_rotation(gateway: GatewayServer, headers: dict[str, str], engine: str, *, probed: bool = True) -> None:
@@ -133,21 +142,10 @@ def test_a_stream_whose_engine_goes_silent_ends_with_an_error(
     gateway: GatewayServer, engine_fleet: EngineFleet
 ) -> None:
     on_0 = session_on(gateway, "engine-0")
-    core = engine_core(engine_fleet, "engine-0")
-    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
-    events: list[bytes] = []
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=on_0, timeout=120) as resp:
-        assert resp.headers["x-gateway-engine"] == "engine-0"
-        lines = resp.iter_lines()
-        for line in lines:
-            if line.startswith("data: "):
-                events.append(line.encode())
-            if len(events) == 10:
-                break
-        with stopped([core.pid]):
-            silent_since = time.monotonic()
-            rest = [line for line in lines if line.startswith("data: ")]
-            ended_after_s = time.monotonic() - silent_since
+    with core_stopped_mid_stream(gateway, engine_fleet, on_0) as (lines, _):
+        silent_since = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ")]
+        ended_after_s = time.monotonic() - silent_since
     assert ended_after_s < STREAM_IDLE_TIMEOUT_S + 20
     error = json.loads(rest[-1][len("data: "):])["error"]
     assert error["type"] == "upstream_error" and "sent nothing" in error["message"]
@@ -180,17 +178,9 @@ def test_a_killed_engine_core_ends_its_stream_and_no_request_is_lost(
     """vLLM answers 503 once its engine core is dead, then shuts its API server down: the
     stream in progress ends with an error event, every later request is served elsewhere."""
     on_0 = session_on(gateway, "engine-0")
-    body = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True, "stream": True}
     try:
-        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=on_0, timeout=120) as resp:
-            assert resp.headers["x-gateway-engine"] == "engine-0"
-            lines = resp.iter_lines()
-            received = 0
-            for line in lines:
-                received += line.startswith("data: ")
-                if received == 10:
-                    break
-            engine_core(engine_fleet, "engine-0").kill()
+        with core_stopped_mid_stream(gateway, engine_fleet, on_0) as (lines, core):
+            core.kill()
             rest = [line for line in lines if line.startswith("data: ")]
         # The engine's own error event (then [DONE]), or the gateway's when the connection dropped.
         assert any(line.startswith('data: {"error"') for line in rest[-2:]), rest[-3:]

@@ -13,9 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine_adapter.launch.launcher import EngineFleet
 from engine_adapter.metrics import parse_engine_metrics
 from tests.conftest import EMBED_MODEL_NAME, MODEL_NAME
-from tests.harness import GatewayServer, gateway_config
+from tests.harness import GatewayServer, engine_core, gateway_config, stopped
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +141,7 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
 # Asked of an engine by the abort tests: far more than it makes before the client leaves (the
 # engines allow 8,192 tokens), so an aborted request is told from a finished one whatever the
 # engine's speed. Under a CPU hog the tiny engine once finished 4,000 tokens before the abort.
-LONG = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True}
+LONG: dict[str, Any] = {"model": MODEL_NAME, "prompt": "Go on", "max_tokens": 8000, "ignore_eos": True}
 
 
 def generated(urls: list[str]) -> float:
@@ -172,15 +173,33 @@ def generative_urls(engine_configs: list[dict[str, Any]]) -> list[str]:
     return [e["url"] for e in engine_configs if e["name"].startswith("engine-")]
 
 
-def test_abandoned_stream_is_aborted_on_the_engine(gateway: GatewayServer, engine_configs: list[dict[str, Any]]) -> None:
+def test_abandoned_stream_is_aborted_on_the_engine(
+    gateway: GatewayServer, engine_configs: list[dict[str, Any]], engine_fleet: EngineFleet
+) -> None:
+    """The client leaves mid-stream: the engine must stop generating. The engine's core is
+    stopped (SIGSTOP) while the client leaves, once the engine reports the request still
+    running: a client starved of CPU reads far behind the tiny model, which had generated all
+    8,000 tokens before the 20th event was read when this was judged on a running engine (seen
+    with a CPU hog). Stopped, it holds the request; resumed, it reads the abort first."""
     urls = generative_urls(engine_configs)
     before = settled(urls)
     received = 0
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as resp:
+        engine = resp.headers["x-gateway-engine"]
+        url = next(e["url"] for e in engine_configs if e["name"] == engine)
         for chunk in resp.iter_raw():
             received += chunk.count(b"data: ")
             if received >= 20:  # generating, for sure: now leave mid-stream
                 break
+        core = engine_core(engine_fleet, engine)
+        with stopped([core.pid]):
+            assert engine_running(url) >= 1, "the engine finished before the client left"
+            resp.close()
+            # The gateway saw the client go and closed its engine request.
+            deadline = time.monotonic() + 30
+            while gateway.metric("gateway_engine_in_flight") > 0:
+                assert time.monotonic() < deadline, "the gateway kept its engine request open"
+                time.sleep(0.05)
     assert received >= 20
     assert_aborted_on_an_engine(before, settled(urls))
     assert gateway.metric("gateway_client_disconnects_total") >= 1

@@ -170,20 +170,40 @@ def test_streamed_requests_are_checked_too_and_the_client_sees_no_extra_event(ga
 
 
 def test_shared_system_prompt_spreads_across_engines(gateway: Gateway) -> None:
+    """Eight clients at once share a system prompt: the engine that caches it first must not
+    take them all. Affinity gives way to load: past `max_load_imbalance` (4) more requests in
+    flight than the other engine, the prefix no longer counts, so of eight requests in flight
+    together the other engine gets at least two.
+
+    Judged on a burst in which every engine was chosen before any answer ended (each
+    generates 256 tokens). How completions spread over a longer run depends on the engines'
+    speeds, which a busy machine makes unequal (seen with a CPU hog: 21 and 3 of 24), and on
+    answers outlasting the arrival of the next request (with 16 tokens under the hog every
+    request ended first, and all 24 rightly went to the cache). A burst that did not overlap
+    is repeated."""
     system = text_of(7000 + hash(gateway.url) % 1000, 700)
 
-    def session(i: int) -> str:
+    def session(i: int) -> tuple[str, float, float]:
+        """(engine, when it was chosen at the latest, when the answer ended). A stream: its
+        headers come once the engine is chosen."""
         messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}: " + text_of(i, 40)}]
-        resp = httpx.post(f"{gateway.url}/v1/chat/completions",
-                          json={"model": MODEL_NAME, "messages": messages, "max_tokens": 16, "ignore_eos": True},
-                          timeout=120)  # fmt: skip
-        assert resp.status_code == 200, resp.text
-        return resp.headers["x-gateway-engine"]
+        body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 256, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as resp:
+            chosen_at = time.monotonic()
+            assert resp.status_code == 200, resp.read()
+            assert resp.read().rstrip().endswith(b"data: [DONE]")
+        return resp.headers["x-gateway-engine"], chosen_at, time.monotonic()
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        engines = Counter(pool.map(session, range(24)))
-    assert len(engines) == 2, engines
-    assert min(engines.values()) >= 6, engines  # neither engine takes (nearly) everything
+    bursts = []
+    for burst in range(3):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(session, range(burst * 8, burst * 8 + 8)))
+        engines = Counter(engine for engine, _, _ in answers)
+        if max(chosen for _, chosen, _ in answers) < min(ended for _, _, ended in answers):  # all in flight at once
+            assert len(engines) == 2 and min(engines.values()) >= 2, engines
+            return
+        bursts.append(engines)
+    pytest.fail(f"no burst of eight requests was in flight at once: {bursts}")
 
 
 def test_prefix_groups_beyond_one_engine_are_spread_so_each_fits(

@@ -110,17 +110,18 @@ def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str
 
 def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]]) -> None:
     """Another client loads one engine; the gateway sees it in the engine's metrics and sends
-    its requests to the other one. An attempt in which the engine was not seen busy long enough
-    to observe proves nothing either way and is repeated."""
+    its requests to the other one. Every decision made while the engine was busy counts; on a
+    starved machine one attempt may see the load for a single decision or none (seen with a
+    CPU hog: 0-2 per attempt), so attempts go on until three decisions were observed."""
     idle = engine_configs[1]["name"]
     attempts = []
-    for _ in range(5):
+    for _ in range(6):
         wait_for_idle_engines(engine_configs)
         chosen, outcomes = observe_least_loaded(engine_configs)
         # Every decision made while the engine was busy must avoid it.
         assert set(chosen) <= {idle}, (chosen, outcomes)
         attempts.append((chosen, outcomes))
-        if len(chosen) >= 3:
+        if sum(len(c) for c, _ in attempts) >= 3:
             return
     pytest.fail(f"the loaded engine never stayed busy long enough to observe: {attempts}")
 

@@ -52,6 +52,9 @@ TEXT = [{"role": "user", "content": "hi"}]
         (CHAT, {"model": "m", "messages": TEXT, "chat_template_kwargs": {"chat_template": "{{ 'x' * 300000000 }}"}},
          "chat_template"),
         (CHAT, {"model": "m", "messages": TEXT, "chat_template_kwargs": 3}, "chat_template_kwargs"),
+        (COMPLETIONS, {"model": "m", "prompt": "x", "kv_transfer_params": {"do_remote_prefill": True,
+         "remote_host": "10.0.0.1", "remote_port": 5600}}, "kv_transfer_params"),
+        (CHAT, {"model": "m", "messages": TEXT, "kv_transfer_params": None}, "kv_transfer_params"),
     ],
 )  # fmt: skip
 def test_malformed_fields_get_a_400_naming_them(

@@ -272,11 +272,13 @@ def test_an_engine_whose_settings_change_keeps_its_state(fleet: Fleet, tmp_path:
         before = runtime(client).registry.get("b")
         assert before is not None
         before.set_draining(True)
-        write(path, [engine("a"), engine("b", models=["extra"], api_key="engine-key", kv_capacity_blocks=99)])
+        write(path, [engine("a"), engine("b", models=["extra"], api_key="engine-key", kv_capacity_blocks=99,
+                                          kv_transfer=True, role="decode")])  # fmt: skip
         assert reload_now(client) == "applied"
         after = runtime(client).registry.get("b")
         assert after is before and after.is_draining  # the same engine: its state stays
         assert after.kv_capacity_blocks == 99 and after.api_key == "engine-key" and "extra" in after.models
+        assert after.kv_transfer and after.role == "decode"
 
 
 def test_new_kv_event_endpoints_are_followed_and_the_cache_known_stays(fleet: Fleet, tmp_path: Path) -> None:

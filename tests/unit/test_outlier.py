@@ -286,7 +286,8 @@ def test_an_ejection_for_a_timeout_ends_the_waits_for_that_engines_first_byte() 
             return math.inf
 
         waiter = asyncio.create_task(waiting_request())
-        await asyncio.sleep(0.05)
+        while not a.first_byte_waits:  # the request waits for its first byte
+            await asyncio.sleep(0.01)
         detector.record_timeout(a, FIRST_BYTE_TIMEOUT)  # another request timed out there
         return await waiter
 
