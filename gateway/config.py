@@ -210,7 +210,8 @@ class KVIndexConfig(_Strict):
     # read from the engines; set, an engine that disagrees is an error at start-up.
     block_size: int | None = Field(default=None, ge=1)
     backend: Literal["memory"] = "memory"
-    # Upper bound on distinct chunk keys held (LRU beyond it); ~200 bytes each.
+    # Upper bound on distinct chunk keys held (approximately least recently used beyond it:
+    # gateway/kvindex/generations.py); ~80 bytes each held by one engine, ~180 by 256.
     capacity_chunks: int = Field(default=2_000_000, ge=1000)
     # Entries written at routing time, until the engine's own events arrive.
     speculative_ttl_s: float = Field(default=10.0, gt=0)

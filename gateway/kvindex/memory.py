@@ -11,10 +11,13 @@ computed by C loops (`map`, `itertools.accumulate`), then only the positions whe
 changes are decoded into engines and tiers. One dictionary step and one AND per block,
 whatever the fleet size.
 
-An LRU over keys (a lookup refreshes the keys it matched) bounds the memory: beyond
-`capacity_chunks` keys, the least recently used key is dropped for all engines. Entries
-written with a TTL (speculative, approximate) expire through a heap; an entry re-written
-before expiry gets the later deadline.
+An approximate LRU over keys bounds the memory (`gateway/kvindex/generations.py`): beyond
+`capacity_chunks` keys, the keys of the oldest generation are dropped for all engines; adding
+a key or matching it in a lookup moves it to the young generation (for a lookup, at the next
+add: a lookup only notes what it used). Recency is which plain dict holds a key, so a
+lookup normally writes nothing to the tables. Entries written with a TTL (speculative,
+approximate) expire through a heap; an entry re-written before expiry gets the later
+deadline.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import heapq
 import itertools
 import operator
 import time
-from collections import OrderedDict, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
@@ -36,6 +39,7 @@ from gateway.kvindex.base import (
     TIER_STORAGE,
     PrefixMatch,
 )
+from gateway.kvindex.generations import Generations
 from gateway.types import EngineId, RequestChunkKey
 
 _KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE, TIER_REPORTED)
@@ -44,9 +48,8 @@ _ANY = 0  # slice of the union of all tiers
 
 class InMemoryIndex:
     def __init__(self, capacity_chunks: int = 1_000_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self._capacity = capacity_chunks
         self._clock = clock
-        self._entries: OrderedDict[RequestChunkKey, int] = OrderedDict()
+        self._entries: Generations[RequestChunkKey] = Generations(capacity_chunks)
         self._width = 64  # engine slots per slice
         self._slots: dict[EngineId, int] = {}
         self._engines: list[EngineId] = []
@@ -83,8 +86,9 @@ class InMemoryIndex:
         def widen(mask: int) -> int:
             return sum(((mask >> (i * old)) & slot_mask) << (i * width) for i in range(num_slices))
 
-        for key, mask in self._entries.items():
-            self._entries[key] = widen(mask)
+        for table in self._entries.tables():
+            for key, mask in table.items():
+                table[key] = widen(mask)
         self._width = width
 
     def _bit(self, slot: int, index: int) -> int:
@@ -101,11 +105,14 @@ class InMemoryIndex:
     ) -> dict[EngineId, PrefixMatch]:
         self._expire()
         entries = self._entries
-        found = list(map(entries.get, keys))
+        found = list(map(entries.young.get, keys))
         try:
             num_held = found.index(None)  # nobody holds this key: no prefix goes past it
         except ValueError:
             num_held = len(found)
+        in_young = num_held  # the keys after these, if held, are in closed generations
+        if num_held < len(found) and entries.closed:
+            num_held = entries.find_closed(keys, found, num_held)
         if num_held == 0:
             return {}
         del found[num_held:]
@@ -124,7 +131,10 @@ class InMemoryIndex:
             depth = num_held
         if depth == 0:
             return {}
-        deque(map(entries.move_to_end, keys[:depth]), maxlen=0)
+        if depth > in_young:  # matched: in use again (young keys need nothing)
+            dropped = entries.used(keys[in_young:depth])
+            if dropped:
+                self._uncount(dropped)
         matches: dict[EngineId, PrefixMatch] = {}
         # Where a run shrinks, the bits it lost ended there; what is left at the end ran through.
         changed = itertools.compress(range(1, depth), map(operator.ne, runs, itertools.islice(runs, 1, depth)))
@@ -164,17 +174,17 @@ class InMemoryIndex:
         tier_bit = self._bit(slot, index)
         deadline = None if ttl_s is None else self._clock() + ttl_s
         entries = self._entries
+        entries.promote(keys)
+        young = entries.young
         added = 0
         for key in keys:
-            mask = entries.get(key)
+            mask = young.get(key)
             if mask is None:
-                entries[key] = bit
+                young[key] = bit
                 added += 1
-            else:
-                entries.move_to_end(key)
-                if not mask & tier_bit:
-                    entries[key] = mask | bit
-                    added += 1
+            elif not mask & tier_bit:
+                young[key] = mask | bit
+                added += 1
             if deadline is not None:
                 self._deadlines[(key, slot, index)] = deadline
                 heapq.heappush(self._expiry_heap, (deadline, key, slot, index))
@@ -182,17 +192,15 @@ class InMemoryIndex:
                 del self._deadlines[(key, slot, index)]  # confirmed: no longer expires
         if added:
             self._counts[(slot, index)] = self._counts.get((slot, index), 0) + added
-        while len(entries) > self._capacity:
-            _, mask = entries.popitem(last=False)
-            self._uncount(mask)
+        dropped = entries.shrink()
+        if dropped:
+            self._uncount(dropped)
 
     def evict(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str) -> None:
         slot = self._slots.get(engine)
         if slot is None:
             return
-        index = self._slice(tier)
-        for key in keys:
-            self._remove(key, slot, index)
+        self._remove_held(self._entries.held(keys), slot, self._slice(tier))
 
     def clear_engine(self, engine: EngineId) -> None:
         slot = self._slots.get(engine)
@@ -200,42 +208,56 @@ class InMemoryIndex:
             return
         mine = self._engine_mask(slot)
         keep = ~mine
-        for key in [k for k, mask in self._entries.items() if mask & mine]:
-            rest = self._entries[key] & keep
-            if rest:
-                self._entries[key] = rest
-            else:
-                del self._entries[key]
+        for table in self._entries.tables():
+            for key in [k for k, mask in table.items() if mask & mine]:
+                rest = table[key] & keep
+                if rest:
+                    table[key] = rest
+                else:
+                    del table[key]
         for count_key in [c for c in self._counts if c[0] == slot]:
             del self._counts[count_key]
         self._deadlines = {k: v for k, v in self._deadlines.items() if k[1] != slot}
 
     def _remove(self, key: RequestChunkKey, slot: int, index: int) -> None:
-        mask = self._entries.get(key)
-        if mask is None:
-            return
-        tier_bit = self._bit(slot, index)
-        if not mask & tier_bit:
-            return
-        self._counts[(slot, index)] -= 1
-        mask &= ~tier_bit
-        if not mask & self._engine_mask(slot) & ~self._bit(slot, _ANY):
-            mask &= ~self._bit(slot, _ANY)  # no tier left for this engine
-        if mask:
-            self._entries[key] = mask
-        else:
-            del self._entries[key]
+        table = self._entries.holder(key)
+        if table is not None:
+            self._remove_held(((table, key),), slot, index)
 
-    def _uncount(self, mask: int) -> None:
-        """A whole key dropped: every (engine, tier) it had loses one chunk."""
+    def _remove_held(
+        self, held: Iterable[tuple[dict[RequestChunkKey, int], RequestChunkKey]], slot: int, index: int
+    ) -> None:
+        """(slot, tier) no longer holds these keys, each in the generation given (no move)."""
+        tier_bit = self._bit(slot, index)
+        any_bit = self._bit(slot, _ANY)
+        tiers_of_engine = self._engine_mask(slot) & ~any_bit
+        removed = 0
+        for table, key in held:
+            mask = table.get(key)  # read here: a key named twice is gone the second time
+            if mask is None or not mask & tier_bit:
+                continue
+            removed += 1
+            mask &= ~tier_bit
+            if not mask & tiers_of_engine:
+                mask &= ~any_bit  # no tier left for this engine
+            if mask:
+                table[key] = mask
+            else:
+                del table[key]
+        if removed:
+            self._counts[(slot, index)] -= removed
+
+    def _uncount(self, masks: list[int]) -> None:
+        """Whole keys dropped: every (engine, tier) each had loses one chunk. Keys dropped
+        together mostly came in together, with one bitset: each distinct one is decoded once."""
         width = self._width
-        mask >>= width  # not the union slice
-        offset = width
-        while mask:
-            low = mask & -mask
-            index, slot = divmod(low.bit_length() - 1 + offset, width)
-            mask ^= low
-            self._counts[(slot, index)] -= 1
+        for mask, times in Counter(masks).items():
+            mask >>= width  # not the union slice
+            while mask:
+                low = mask & -mask
+                index, slot = divmod(low.bit_length() - 1 + width, width)
+                mask ^= low
+                self._counts[(slot, index)] -= times
 
     def _expire(self) -> None:
         now = self._clock()
