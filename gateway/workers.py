@@ -9,8 +9,9 @@ metrics, then lets uvicorn's supervisor start N processes on one listening socke
 Each worker is a whole gateway: its own health checks, its own subscription to every engine's
 KV events (ZMQ fan-out), hence its own index, tokenizers and cost model. What a worker knows
 alone: the speculative entries it wrote (until the engine's own events reach every worker, a
-few milliseconds after the prefill), the working sets it routed, and the Responses ids it
-saw (the ids the gateway names say their engine to any worker: gateway.proxy.response_affinity).
+few milliseconds after the prefill), the refreshes of the working sets it routed (the blocks
+an engine stores join its working set in every worker), and the Responses ids it saw (the ids
+the gateway names say their engine to any worker: gateway.proxy.response_affinity).
 Workers start serving together (`runtime.wait_for_other_workers`): an engine announces a block
 once, so a worker still subscribing while another served would never learn those blocks.
 

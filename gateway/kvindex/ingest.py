@@ -43,14 +43,18 @@ class IndexIngestor:
         model_of: Callable[[EngineId], str | None],
         on_reset: Callable[[EngineId, str], None] | None = None,
         drops: EngineDrops | None = None,
+        on_stored: Callable[[EngineId, list[RequestChunkKey]], None] | None = None,
     ) -> None:
         """`drops` evicts what an engine that reset held, in batches off the request path
-        (gateway.kvindex.removal); without it, at once."""
+        (gateway.kvindex.removal); without it, at once. `on_stored` hears of the blocks an
+        engine stored in its own memory (the working sets: with several workers, each learns
+        there what the others routed)."""
         self._index = index
         self.drops = drops or EngineDrops(index)
         self._layout = layout
         self._model_of = model_of
         self._on_reset = on_reset
+        self._on_stored = on_stored
         self._keys: dict[EngineId, dict[EngineBlockHash, RequestChunkKey]] = {}
         # How many tiers of the engine hold each block: the mapping lives while any does.
         self._tiers_holding: dict[EngineId, dict[EngineBlockHash, int]] = {}
@@ -109,6 +113,8 @@ class IndexIngestor:
         self.drops.spare(engine, keys)
         self._index.add(engine, keys, event.medium)
         self.stats.blocks_stored += len(keys)
+        if self._on_stored is not None and event.medium in (None, TIER_GPU):
+            self._on_stored(engine, keys)
 
     def _removed(self, engine: EngineId, event: ChunkRemoved) -> None:
         mapping = self._keys.get(engine, {})

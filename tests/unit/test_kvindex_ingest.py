@@ -260,3 +260,17 @@ def test_a_reset_drops_the_engines_entries_in_batches_and_spares_what_it_stores_
     assert (held_by_a, chunks_of_a) == (1, 1)  # only the block stored again
     assert held_by_b == 6
     assert order.index("dropped") > 1  # three batches of 2, with requests served between
+
+
+def test_stored_blocks_join_the_engines_working_set() -> None:
+    """Every worker sees every engine's events: what one worker routed reaches the others'
+    working sets (the capacity scorer's view) through the blocks the engine stored."""
+    from gateway.kvindex.working_set import WorkingSetTracker
+
+    working_sets = WorkingSetTracker()
+    index = InMemoryIndex()
+    ingestor = IndexIngestor(index, KVLayout(BLOCK), MODELS.get, on_stored=working_sets.touch)
+    ingestor.apply("a", batch(stored([1, 2], None, list(range(2 * BLOCK)))))
+    assert working_sets.size(EngineId("a")) == 2 and working_sets.size(EngineId("b")) == 0
+    ingestor.apply("a", batch(stored([3], 2, list(range(BLOCK)), medium=TIER_CPU)))  # offloaded: not device memory
+    assert working_sets.size(EngineId("a")) == 2
