@@ -25,6 +25,7 @@ from gateway.errors import BadRequest, ClientClosedRequest, GatewayError, Payloa
 from gateway.generation import current
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSE_CANCEL_ROUTE, RESPONSE_ROUTE, RESPONSES_PATH
+from gateway.proxy.stream import PassthroughResponse
 from gateway.types import RoutingRequest
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,11 @@ async def until_client_leaves(request: Request, dispatching: Coroutine[Any, Any,
         return work.result()
     work.cancel()
     with contextlib.suppress(asyncio.CancelledError, GatewayError):
-        await work
+        late = await work
+        if isinstance(late, PassthroughResponse):
+            # The work finished in spite of the cancel: an engine's response nobody will send.
+            # Closed here, or the engine would go on for nobody and the ledger count it forever.
+            await late.discard()
     metrics: GatewayMetrics = request.app.state.metrics
     metrics.client_disconnects.labels(request.url.path).inc()
     logger.info("client left before the response began (%s %s)", request.method, request.url.path)

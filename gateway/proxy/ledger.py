@@ -9,6 +9,7 @@ end, whatever the end.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from gateway.endpoints.registry import Endpoint
@@ -17,6 +18,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy.transfer import CompletedTransfer
 from gateway.routing.cost_model import CostModel
 from gateway.types import RoutingRequest
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -30,6 +33,7 @@ class Attempt:
     running: float  # requests on the engine when it was sent
     transfer: CompletedTransfer | None = None  # KV moved to the engine before sending
     in_queue: bool = True
+    released: bool = False
 
 
 class LoadLedger:
@@ -70,6 +74,12 @@ class LoadLedger:
             attempt.endpoint.pending_prefill_s = max(0.0, attempt.endpoint.pending_prefill_s - attempt.prefill_s)
 
     def release(self, attempt: Attempt) -> None:
+        """Once per attempt: a second release would count a request the engine still has as
+        gone, and routing would favour that engine for good."""
+        if attempt.released:
+            logger.error("engine %s: a request was released twice", attempt.endpoint.id, stack_info=True)
+            return
+        attempt.released = True
         self.first_byte(attempt)
         attempt.endpoint.add_in_flight(-1)
         self._metrics.in_flight.labels(attempt.endpoint.id).set(attempt.endpoint.in_flight)

@@ -91,6 +91,13 @@ class PassthroughResponse(Response):
                 await self._upstream.aclose()
             self._on_finish(outcome)
 
+    async def discard(self) -> None:
+        """Never sent (the client left as it was made): close the engine's response, which
+        aborts the request there, and end it as a client disconnect."""
+        with anyio.CancelScope(shield=True):
+            await self._upstream.aclose()
+        self._on_finish("client_disconnected")
+
     async def _forward(self, send: Send) -> Outcome:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         first = True

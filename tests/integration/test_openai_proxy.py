@@ -134,8 +134,10 @@ def test_stream_is_not_buffered(gateway: GatewayServer) -> None:
     assert first_chunk_at is not None
     # A buffering proxy delivers the 400 tokens at once, at the end (ratio ~1, one read or
     # two). Passed through, they arrive as generated: the ratio was 0.05-0.28 here, the last on a
-    # machine busy with other work (the engine's first token then takes a larger share).
-    assert first_chunk_at < 0.6 * total and num_reads >= 20, (first_chunk_at, total, num_reads)
+    # machine busy with other work (the engine's first token then takes a larger share). A
+    # client slower than the engine reads several events at once: 16 reads were seen while a
+    # package install ran beside the test, so more than a few reads is what is asked.
+    assert first_chunk_at < 0.6 * total and num_reads >= 5, (first_chunk_at, total, num_reads)
 
 
 # Asked of an engine by the abort tests: far more than it makes before the client leaves (the
@@ -226,7 +228,10 @@ def test_a_client_leaving_before_the_first_byte_aborts_the_engines_work(
         # Generous: each scrape may take seconds on a starved machine (see harness.metric).
         deadline = time.monotonic() + 60
         while gateway.metric("gateway_engine_in_flight") < 1:
-            assert time.monotonic() < deadline, f"the request never reached an engine; answered: {unread(sock)!r}"
+            assert time.monotonic() < deadline, (
+                f"the request never reached an engine; in flight per engine: {in_flight_per_engine(gateway)}, "
+                f"answered: {unread(sock)[:300]!r}"
+            )
             time.sleep(0.02)
     assert_aborted_on_an_engine(before_tokens, settled(urls))
     deadline = time.monotonic() + 5
@@ -235,6 +240,12 @@ def test_a_client_leaving_before_the_first_byte_aborts_the_engines_work(
         time.sleep(0.1)
     # And the gateway's own load ledger let go of it (a leak would skew routing for good).
     assert gateway.metric("gateway_engine_in_flight") == 0
+
+
+def in_flight_per_engine(gateway: GatewayServer) -> dict[str, float]:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=60).text
+    return {s.labels["engine"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "gateway_engine_in_flight"}  # fmt: skip
 
 
 def unread(sock: socket.socket) -> bytes:
