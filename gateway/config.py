@@ -223,7 +223,7 @@ class KVIndexConfig(_Strict):
     tokenize_offload_min_chars: int = Field(default=2048, ge=0)
     # A long prompt whose start no engine holds is tokenized only this far (to a word boundary):
     # chunk keys are chained, so the rest cannot match anywhere. 0: always tokenize whole.
-    tokenize_head_chars: int = Field(default=1024, ge=0)
+    tokenize_head_chars: int = Field(default=256, ge=0)
     # vLLM replay sockets answer within this; a gap it cannot fill drops the engine's entries.
     replay_timeout_s: float = Field(default=2.0, gt=0)
     # Discover KV-event endpoints from GET /kv_event_sources for engines that list none.

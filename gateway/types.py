@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NewType
 
@@ -59,7 +60,7 @@ class RoutingRequest:
     pinned_engine: EngineId | None = None
     # Filled by the prefix service before routing (None: no routable prompt).
     num_prompt_tokens: int | None = None
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: Sequence[int] = field(default_factory=list)
     chunk_keys: list[RequestChunkKey] = field(default_factory=list)
     # Chunks of the prompt beyond `chunk_keys`: its tail, left untokenized because no engine
     # holds its start (gateway.tokenization.head); `num_prompt_tokens` is then an estimate.

@@ -113,7 +113,13 @@ class PrefixService:
         if not request.chunk_keys:
             return
         if endpoint.kv_events_endpoint is not None:
-            self.index.add(endpoint.id, request.chunk_keys, TIER_SPECULATIVE, ttl_s=self._speculative_ttl_s)
+            # Until the engine's own events say it stored this prompt's blocks, a speculative
+            # entry stands in for the ones it did not hold: the matched prefix is there already
+            # (a long conversation's next turn adds a few chunks, not all of them again).
+            match = request.prefix_matches.get(endpoint.id)
+            new_keys = request.chunk_keys[match.num_chunks :] if match is not None else request.chunk_keys
+            if new_keys:
+                self.index.add(endpoint.id, new_keys, TIER_SPECULATIVE, ttl_s=self._speculative_ttl_s)
         else:
             self.index.add(endpoint.id, request.chunk_keys, TIER_APPROXIMATE, ttl_s=self._approximate_ttl_s)
         self.working_sets.touch(endpoint.id, request.chunk_keys)

@@ -72,7 +72,7 @@ class KVTransferRunner:
                 EngineAddress(holder.url, holder.api_key),
                 EngineAddress(target.url, target.api_key),
                 request.model,
-                request.token_ids[: option.prefix_tokens],
+                list(request.token_ids[: option.prefix_tokens]),
                 timeout_s=self._config.timeout_s,
                 request_id=request.request_id,
             )

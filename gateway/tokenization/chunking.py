@@ -27,8 +27,12 @@ def chunk_keys(token_ids: Sequence[int], block_size: int, parent: int) -> list[R
     num_chunks = len(token_ids) // block_size
     if num_chunks == 0:
         return []
-    # One conversion for the whole prompt, then slices: no per-token Python work.
-    data = array("I", token_ids[: num_chunks * block_size]).tobytes()
+    # One conversion for the whole prompt (none for an array of ids), then slices: no
+    # per-token Python work.
+    if isinstance(token_ids, array) and token_ids.typecode == "I":
+        data = token_ids[: num_chunks * block_size].tobytes()
+    else:
+        data = array("I", token_ids[: num_chunks * block_size]).tobytes()
     step = block_size * 4
     keys: list[RequestChunkKey] = []
     for offset in range(0, len(data), step):

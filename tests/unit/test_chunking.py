@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from array import array
+
 import pytest
 
 from gateway.tokenization.chunking import chain_root, chunk_keys
@@ -25,6 +27,7 @@ def test_deterministic_and_accepts_any_sequence() -> None:
     keys = chunk_keys(tokens, 8, ROOT)
     assert keys == chunk_keys(list(tokens), 8, chain_root("m"))
     assert keys == chunk_keys(tuple(tokens), 8, ROOT)
+    assert keys == chunk_keys(array("I", tokens + [7]), 8, ROOT)  # the tokenizer's arrays: no copy
     assert len(set(keys)) == 4
     assert all(isinstance(k, int) and 0 <= k < 2**64 for k in keys)
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
-from gateway.kvindex.base import TIER_GPU
+from gateway.kvindex.base import TIER_GPU, TIER_SPECULATIVE
 from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.memory import InMemoryIndex
 from gateway.kvindex.service import PrefixService
@@ -174,3 +176,43 @@ def test_an_engine_reporting_more_than_the_head_teaches_the_whole_prefix(tokeniz
         return index.lookup(all_keys)[EngineId("a")].num_chunks
 
     assert asyncio.run(scenario()) == len(all_keys) - 2
+
+
+def test_warm_ups_wait_on_idle_cycles_within_a_bound(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cold chats faster than the background thread encodes them: the warm-ups beyond the
+    backlog bound are skipped, not queued without end, and the backlog empties."""
+    monkeypatch.setattr("gateway.tokenization.tokenizer._MAX_BACKLOG_CHARS", 40_000)
+    tokenizer = HFPromptTokenizer(tiny_model_dir, head_chars=256)
+    release = threading.Event()
+    tokenizer._background.submit(release.wait)  # the thread is busy: nothing it is given runs
+    rng = random.Random(5)
+    total_chars = 0
+    for _ in range(20):
+        system = text_of(rng, 2000)
+        total_chars += len(system)
+        body = {"model": "m", "messages": [{"role": "system", "content": system}]}
+        tokens = asyncio.run(tokenizer.prompt_tokens("m", CHAT_PATH, body, lambda head: True))
+        assert tokens is not None and not tokens.complete
+        # At most the bound, plus one head verification (one head in 64 is checked whatever).
+        assert tokenizer._backlog_chars <= 40_000 + 2 * len(system)
+    assert total_chars > 3 * 40_000 and tokenizer._backlog_chars > 0
+    release.set()
+    deadline = time.monotonic() + 30
+    while tokenizer._backlog_chars:
+        assert time.monotonic() < deadline, "the backlog never emptied"
+        time.sleep(0.01)
+    tokenizer.close()
+
+
+def test_routing_a_request_records_the_chunks_its_engine_did_not_hold(tokenizer: HFPromptTokenizer) -> None:
+    """A speculative entry stands in for what the engine will store: a conversation's next
+    turn adds its new chunks, not every chunk again (the matched ones are indexed already)."""
+    prefix, index = service(tokenizer)
+    engine = Endpoint(id=EngineId("a"), url="http://a", kv_events_endpoint="tcp://a:5557")
+    keys = chunk_keys(list(range(64 * BLOCK_SIZE)), BLOCK_SIZE, chain_root("m"))
+    index.add(engine.id, keys[:48], TIER_GPU)
+    request = RoutingRequest(model="m", api_path=COMPLETIONS_PATH, body={}, headers={}, request_id="1")
+    request.chunk_keys, request.prefix_matches = keys, index.lookup(keys)
+    prefix.record_routed(request, engine)
+    assert index.num_chunks(engine.id, TIER_SPECULATIVE) == 16
+    assert index.lookup(keys)[engine.id].num_chunks == 64
