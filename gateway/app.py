@@ -18,13 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.admin import build_admin_router
 from gateway.api.debug import build_debug_router
-from gateway.api.openai import build_openai_router
+from gateway.api.direct_routes import DirectRoutes
+from gateway.api.openai import PROXIED_ROUTES, build_openai_router, proxied
 from gateway.config import GatewayConfig
 from gateway.config_file import ConfigFile
 from gateway.endpoints.shared import SharedFleetState
-from gateway.errors import GatewayError, error_body, error_response
+from gateway.errors import GatewayError, error_body, error_response, internal_error_response
 from gateway.limits.admission import Admission
 from gateway.limits.protocol import COUNT_REJECTION
+from gateway.proxy.paths import PASSTHROUGH_PATHS
 from gateway.reload import ConfigReloader
 from gateway.runtime import GatewayRuntime
 
@@ -85,6 +87,8 @@ def build_app(
     app.include_router(build_admin_router(), include_in_schema=False)
     app.include_router(build_debug_router(), include_in_schema=False)
     install_error_handlers(app)
+    # Added before Admission, so inside it: the proxied routes are admitted like the rest.
+    app.add_middleware(DirectRoutes, routes=dict.fromkeys((*PROXIED_ROUTES, *PASSTHROUGH_PATHS), proxied))
     limits = config.limits
     app.add_middleware(
         Admission, max_requests=limits.max_concurrent_requests, api_keys=lambda: runtime.generation.api_keys,
@@ -128,4 +132,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("Internal gateway error.", "internal_error"), status_code=500)
+        return internal_error_response()

@@ -128,3 +128,8 @@ def error_body(message: str, error_type: str, code: str | None = None, param: st
 
 def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+
+def internal_error_response() -> JSONResponse:
+    """A bug's answer: no detail for the client (the log has the traceback)."""
+    return JSONResponse(error_body("Internal gateway error.", "internal_error"), status_code=500)

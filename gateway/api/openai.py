@@ -140,25 +140,26 @@ async def _client_gone(request: Request) -> None:
         await asyncio.sleep(0.05)  # a server that answered at once again must not spin the loop
 
 
+async def proxied(request: Request) -> Response:
+    """POST on every route in PROXIED_ROUTES and PASSTHROUGH_PATHS: read, check, dispatch."""
+    started_at = time.perf_counter()
+    generation = current(request)
+    generation.api_keys.check(request)
+    proxy = generation.config.proxy
+    body = await read_body(request, proxy.max_body_bytes)
+    api_path: str = request.scope["path"]
+    data = parse_request(body, api_path, require_model=api_path not in MODEL_OPTIONAL_ROUTES,
+                         allow_chat_templates=proxy.allow_client_chat_templates)  # fmt: skip
+    model = data["model"] if data.get("model") is not None else implied_model(generation.registry)
+    routing_request = routing_request_from(request, data, api_path, model)
+    return await until_client_leaves(request, generation.dispatcher.dispatch(routing_request, body, started_at))
+
+
 def build_openai_router() -> APIRouter:
     router = APIRouter()
-
-    async def proxied(request: Request) -> Any:
-        started_at = time.perf_counter()
-        generation = current(request)
-        generation.api_keys.check(request)
-        proxy = generation.config.proxy
-        body = await read_body(request, proxy.max_body_bytes)
-        api_path = request.url.path
-        data = parse_request(body, api_path, require_model=api_path not in MODEL_OPTIONAL_ROUTES,
-                             allow_chat_templates=proxy.allow_client_chat_templates)  # fmt: skip
-        model = data["model"] if data.get("model") is not None else implied_model(generation.registry)
-        routing_request = routing_request_from(request, data, api_path, model)
-        return await until_client_leaves(request, generation.dispatcher.dispatch(routing_request, body, started_at))
-
     for path in (*PROXIED_ROUTES, *PASSTHROUGH_PATHS):
-        # Plain Starlette routes: FastAPI's per-request dependency and validation machinery
-        # has nothing to do for a body the gateway reads itself, and it costs on every request.
+        # Served ahead of the router (gateway.api.direct_routes); listed here for what the
+        # router answers itself: another method's 405, the OpenAPI schema.
         router.routes.append(Route(path, proxied, methods=["POST"]))
 
     async def stored_response(request: Request, response_id: str) -> Any:

@@ -44,6 +44,7 @@ from gateway.types import EngineId, RequestChunkKey
 
 _KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE, TIER_REPORTED)
 _ANY = 0  # slice of the union of all tiers
+_NONE_EXPIRING: dict[RequestChunkKey, float] = {}  # read only
 
 
 class InMemoryIndex:
@@ -57,8 +58,13 @@ class InMemoryIndex:
         self._slices: dict[str, int] = {t: i + 1 for i, t in enumerate(_KNOWN_TIERS)}
         self._tier_names: list[str] = ["", *_KNOWN_TIERS]
         self._counts: dict[tuple[int, int], int] = {}  # (slot, slice) -> chunks held
-        self._deadlines: dict[tuple[RequestChunkKey, int, int], float] = {}  # (key, slot, slice)
-        self._expiry_heap: list[tuple[float, RequestChunkKey, int, int]] = []
+        # Entries that expire: (slot, slice) -> key -> deadline. The heap has one item per
+        # `add` (its keys share a deadline), not one per key: a conversation's every turn
+        # refreshes all its chunks on an engine without events, and a push per chunk cost more
+        # than the rest of routing it.
+        self._deadlines: dict[tuple[int, int], dict[RequestChunkKey, float]] = {}
+        self._expiry_heap: list[tuple[float, int, int, int, tuple[RequestChunkKey, ...]]] = []
+        self._num_expiry_batches = 0
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -173,6 +179,10 @@ class InMemoryIndex:
         bit = self._bit(slot, index) | self._bit(slot, _ANY)
         tier_bit = self._bit(slot, index)
         deadline = None if ttl_s is None else self._clock() + ttl_s
+        expiring = (
+            self._deadlines.get((slot, index), _NONE_EXPIRING) if deadline is None
+            else self._deadlines.setdefault((slot, index), {})
+        )  # fmt: skip
         entries = self._entries
         entries.promote(keys)
         young = entries.young
@@ -186,10 +196,12 @@ class InMemoryIndex:
                 young[key] = mask | bit
                 added += 1
             if deadline is not None:
-                self._deadlines[(key, slot, index)] = deadline
-                heapq.heappush(self._expiry_heap, (deadline, key, slot, index))
-            elif self._deadlines and (key, slot, index) in self._deadlines:
-                del self._deadlines[(key, slot, index)]  # confirmed: no longer expires
+                expiring[key] = deadline
+            elif expiring and key in expiring:
+                del expiring[key]  # confirmed: no longer expires
+        if deadline is not None and keys:
+            self._num_expiry_batches += 1
+            heapq.heappush(self._expiry_heap, (deadline, self._num_expiry_batches, slot, index, tuple(keys)))
         if added:
             self._counts[(slot, index)] = self._counts.get((slot, index), 0) + added
         dropped = entries.shrink()
@@ -217,7 +229,8 @@ class InMemoryIndex:
                     del table[key]
         for count_key in [c for c in self._counts if c[0] == slot]:
             del self._counts[count_key]
-        self._deadlines = {k: v for k, v in self._deadlines.items() if k[1] != slot}
+        for expiring_key in [e for e in self._deadlines if e[0] == slot]:
+            del self._deadlines[expiring_key]
 
     def _remove(self, key: RequestChunkKey, slot: int, index: int) -> None:
         table = self._entries.holder(key)
@@ -263,7 +276,12 @@ class InMemoryIndex:
         now = self._clock()
         heap = self._expiry_heap
         while heap and heap[0][0] <= now:
-            deadline, key, slot, index = heapq.heappop(heap)
-            if self._deadlines.get((key, slot, index)) == deadline:
-                del self._deadlines[(key, slot, index)]
-                self._remove(key, slot, index)
+            deadline, _, slot, index, keys = heapq.heappop(heap)
+            expiring = self._deadlines.get((slot, index))
+            if not expiring:
+                continue
+            for key in keys:
+                # Refreshed since (a later deadline) or confirmed (gone from `expiring`): kept.
+                if expiring.get(key) == deadline:
+                    del expiring[key]
+                    self._remove(key, slot, index)
