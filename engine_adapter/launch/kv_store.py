@@ -37,13 +37,13 @@ class KVStoreLaunchError(RuntimeError):
     pass
 
 
-def connector_config(host: str, port: int) -> dict[str, Any]:
-    """vLLM's `--kv-transfer-config` for an engine attached to the store at host:port."""
-    return {
-        "kv_connector": "LMCacheMPConnector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"lmcache.mp.host": f"tcp://{host}", "lmcache.mp.port": port},
-    }
+def connector_config(host: str, port: int, transfer_mode: str | None = None) -> dict[str, Any]:
+    """vLLM's `--kv-transfer-config` for an engine attached to the store at host:port;
+    `transfer_mode` "lmcache_driven" for the slow mode that announces every store event."""
+    extra: dict[str, Any] = {"lmcache.mp.host": f"tcp://{host}", "lmcache.mp.port": port}
+    if transfer_mode is not None:
+        extra["lmcache.mp.mp_transfer_mode"] = transfer_mode
+    return {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ class KVStoreSpec:
     host: str = "127.0.0.1"
     l1_size_gib: float = 1.0
     chunk_size_tokens: int = CHUNK_SIZE_TOKENS
+    # The server's own event channel, used by the slow (lmcache_driven) transfer mode only.
+    kv_event_log_size: int = 0
 
     @property
     def health_url(self) -> str:
@@ -73,7 +75,7 @@ class KVStoreSpec:
             "--supported-transfer-mode", "auto",
             # The engines' fast (engine-driven) transfers go through this shared-memory segment.
             "--shm-name", f"lmcache-{self.name}-{self.port}",
-            "--kv-event-log-size", "0",
+            "--kv-event-log-size", str(self.kv_event_log_size),
         ]  # fmt: skip
 
     def environment(self) -> dict[str, str]:
