@@ -284,6 +284,7 @@ class GatewayRuntime:
                 self.index, self.tokenizers, registry, self.working_sets, self.layout,
                 speculative_ttl_s=kv.speculative_ttl_s, approximate_ttl_s=kv.approximate_ttl_s,
                 on_tokenize_failure=lambda model: metrics.tokenization_failures.labels(model).inc(),
+                store_writes=self.ingestor.store_writes,
             )  # fmt: skip
         transfers = None
         if plan.plans_transfers and prefix is not None:

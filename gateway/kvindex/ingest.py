@@ -24,7 +24,7 @@ from engine_adapter.events.model import AllChunksCleared, ChunkRemoved, ChunkSto
 from gateway.kvindex.base import TIER_GPU, TIER_STORAGE, ChunkIndex
 from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.removal import EngineDrops
-from gateway.kvindex.stores import store_holder
+from gateway.kvindex.stores import StoreWrites, store_holder
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.types import EngineId, RequestChunkKey
 
@@ -71,6 +71,7 @@ class IndexIngestor:
         self._store_of = store_of
         # store -> its chunks' hashes -> their gateway keys (block-size chunks), oldest first.
         self._store_keys: dict[str, dict[EngineBlockHash, tuple[RequestChunkKey, ...]]] = {}
+        self.store_writes = StoreWrites(MAX_STORE_CHUNKS)
         self._keys: dict[EngineId, dict[EngineBlockHash, RequestChunkKey]] = {}
         # How many tiers of the engine hold each block: the mapping lives while any does.
         self._tiers_holding: dict[EngineId, dict[EngineBlockHash, int]] = {}
@@ -170,6 +171,7 @@ class IndexIngestor:
             mapping[engine_hash] = tuple(keys[i * per_chunk : (i + 1) * per_chunk])
         while len(mapping) > MAX_STORE_CHUNKS:
             del mapping[next(iter(mapping))]
+        self.store_writes.note(keys[per_chunk - 1 :: per_chunk])
         self._index.add(store_holder(store), keys, TIER_STORAGE)
         self.stats.blocks_stored += len(keys)
 

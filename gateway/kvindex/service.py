@@ -19,7 +19,7 @@ from gateway.kvindex.base import (
     PrefixMatch,
 )
 from gateway.kvindex.layout import KVLayout
-from gateway.kvindex.stores import store_holder, with_store_hits
+from gateway.kvindex.stores import StoreWrites, store_holder, with_store_hits
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.tokenization.tokenizer import PromptTokenizer, TokenizationFailed
@@ -47,6 +47,7 @@ class PrefixService:
         speculative_ttl_s: float,
         approximate_ttl_s: float,
         on_tokenize_failure: Callable[[str], None] | None = None,
+        store_writes: StoreWrites | None = None,
     ) -> None:
         self.index = index
         self._tokenizers = tokenizers
@@ -56,6 +57,8 @@ class PrefixService:
         self._speculative_ttl_s = speculative_ttl_s
         self._approximate_ttl_s = approximate_ttl_s
         self._on_tokenize_failure = on_tokenize_failure
+        # When shared stores' chunks were announced (the ingestor's): see learn_store_miss.
+        self._store_writes = store_writes or StoreWrites(0)
         self._failure_logged_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -69,6 +72,7 @@ class PrefixService:
             return
         tokenizer = self._tokenizers.for_model(request.model)
         root = self._chain_root(request)
+        request.store_writes_seq = self._store_writes.seq
         looked_up: list[tuple[list[RequestChunkKey], dict[EngineId, PrefixMatch]]] = []
 
         def head_is_enough(head_ids: Sequence[int]) -> bool:
@@ -172,8 +176,10 @@ class PrefixService:
             return
         served = cached_tokens // self.block_size
         run = match.by_tier.get(TIER_STORAGE, 0)
-        if run > served:
-            self.index.evict(store_holder(store), request.chunk_keys[served:run], TIER_STORAGE)
+        missed = request.chunk_keys[served:run]
+        # Written again since the lookup (the engine recomputed them and stored them anew): kept.
+        if missed and not self._store_writes.written_after(missed, request.store_writes_seq):
+            self.index.evict(store_holder(store), missed, TIER_STORAGE)
 
     async def _learn_whole(self, request: RoutingRequest, engine: EngineId, num_chunks: int) -> None:
         tokenizer = self._tokenizers.for_model(request.model)

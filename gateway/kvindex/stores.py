@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from gateway.types import TIER_STORAGE, EngineId, PrefixMatch
+from gateway.types import TIER_STORAGE, EngineId, PrefixMatch, RequestChunkKey
 
 _HOLDER_PREFIX = "kv-store:"
 
@@ -51,3 +51,29 @@ def with_store_hits(
             continue
         own.num_chunks = max(own.num_chunks, run)
         own.by_tier[TIER_STORAGE] = max(own.by_tier.get(TIER_STORAGE, 0), run)
+
+
+class StoreWrites:
+    """When each store chunk was last announced, as a count of announcements: an engine's
+    report that corrects the store's entries (an eviction nobody announced) must not undo a
+    chunk written again after the request was routed, e.g. by that very request. Keeps the
+    last key of each chunk, the newest `max_chunks`."""
+
+    def __init__(self, max_chunks: int) -> None:
+        self._max_chunks = max_chunks
+        self.seq = 0
+        self._written: dict[RequestChunkKey, int] = {}
+
+    def note(self, chunk_last_keys: Iterable[RequestChunkKey]) -> None:
+        self.seq += 1
+        written = self._written
+        for key in chunk_last_keys:
+            written.pop(key, None)
+            written[key] = self.seq
+        while len(written) > self._max_chunks:
+            del written[next(iter(written))]
+
+    def written_after(self, keys: Iterable[RequestChunkKey], seq: int) -> bool:
+        """Whether any chunk ending in one of `keys` was announced after `seq`."""
+        written = self._written
+        return any(written.get(key, 0) > seq for key in keys)

@@ -31,7 +31,7 @@ def fleet() -> tuple[InMemoryIndex, IndexIngestor, PrefixService]:
     layout = KVLayout(BLOCK)
     ingestor = IndexIngestor(index, layout, registry.model_of, store_of=registry.store_of)
     prefix = PrefixService(index, OneTokenizer(), registry, WorkingSetTracker(), layout,
-                           speculative_ttl_s=10, approximate_ttl_s=10)  # fmt: skip
+                           speculative_ttl_s=10, approximate_ttl_s=10, store_writes=ingestor.store_writes)  # fmt: skip
     return index, ingestor, prefix
 
 
@@ -98,11 +98,32 @@ def test_store_evictions_and_misses_remove_the_chunks_for_everyone() -> None:
     assert runs(prefix) == {A: 4, B: 4}
     assert ingestor.store_chunks("s1") == 2
     # Fast mode announces none: an engine that served less than the store's run corrects it.
+    request = routed(prefix, ingestor)
+    prefix.learn_store_miss(request, B, cached_tokens=2 * BLOCK)
+    assert runs(prefix) == {A: 2, B: 2}
+
+
+def test_a_miss_does_not_undo_chunks_written_again_after_the_lookup() -> None:
+    _, ingestor, prefix = fleet()
+    ingestor.apply("a", batch(store_chunk(0, None), store_chunk(1, 900)))
+    request = routed(prefix, ingestor)
+    # The store had evicted chunk 1: b recomputes it, stores it again and says so, then reports.
+    ingestor.apply("b", batch(store_chunk(1, 900)))
+    prefix.learn_store_miss(request, B, cached_tokens=STORE_CHUNK)
+    assert runs(prefix) == {A: 8, B: 8}
+    # Without the new write, the same report drops it.
+    request = routed(prefix, ingestor)
+    prefix.learn_store_miss(request, B, cached_tokens=STORE_CHUNK)
+    assert runs(prefix) == {A: 4, B: 4}
+
+
+def routed(prefix: PrefixService, ingestor: IndexIngestor) -> RoutingRequest:
+    """A request as the prefix service leaves it for routing (its annotate, without a tokenizer)."""
     request = RoutingRequest(model="m", api_path="/v1/completions", body={}, headers={}, request_id="r")
     request.chunk_keys = keys()
     request.prefix_matches = prefix.lookup(keys())
-    prefix.learn_store_miss(request, B, cached_tokens=2 * BLOCK)
-    assert runs(prefix) == {A: 2, B: 2}
+    request.store_writes_seq = ingestor.store_writes.seq
+    return request
 
 
 def test_store_chunks_not_a_multiple_of_the_block_size_are_refused() -> None:
