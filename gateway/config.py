@@ -162,6 +162,13 @@ class EngineConfig(_Strict):
             raise ValueError(f"role {self.role!r} needs kv_transfer: true (the decode engine pulls the KV over NIXL)")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_store(cls, value: str) -> str:
+        if value.startswith("kv-store:"):
+            raise ValueError("names starting with 'kv-store:' are the index's names for shared KV stores")
+        return value
+
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
