@@ -124,6 +124,9 @@ def test_a_prefix_evicted_from_one_engine_is_served_to_the_other_from_the_store(
     # ... which the gateway predicted from the store tier (to within a block: vLLM may count
     # the loaded tokens up to the prompt's last but one).
     assert abs(cached - int(raw.headers["x-gateway-predicted-cached-tokens"])) <= BLOCK_SIZE
+    wait_until(lambda: gateway.metric("gateway_cached_tokens_predictions_total", verdict="within_one_block") >= 1, 10,
+               "the gateway's check of its prediction")  # fmt: skip
+    assert gateway.metric("gateway_cached_tokens_predictions_total", verdict="over") == 0
     # Greedy with logprobs: identical to A's cold computation.
     reference = cold["choices"][0]
     assert served.choices[0].text == reference["text"]
