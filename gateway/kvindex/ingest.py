@@ -31,8 +31,8 @@ from gateway.types import EngineId, RequestChunkKey
 logger = logging.getLogger(__name__)
 
 # Store chunk hashes remembered per store (each with its gateway keys), oldest forgotten first:
-# ~200 B each, so at most ~50 MB, and 67M tokens of 256-token chunks.
-MAX_STORE_CHUNKS = 1 << 18
+# ~500 B each with 8 keys, so at most ~35 MB a store; 16.7M tokens of 256-token chunks.
+MAX_STORE_CHUNKS = 1 << 16
 
 
 @dataclass(slots=True)
