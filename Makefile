@@ -24,6 +24,10 @@ $(STAMP):
 	# NIXL for KV transfer between engines (vLLM's NixlConnector). Without --no-deps it pulls
 	# CUDA runtime wheels; on CPU engines it needs none of them (design.md §5).
 	$(PIP) install --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+	# LMCache for a shared KV store tier (`kv_store`); --no-deps keeps vLLM's CPU torch and
+	# pulls no CUDA wheels (its native module links only libtorch), then the two it misses.
+	$(PIP) install --no-deps lmcache==0.5.6
+	$(PIP) install --no-deps sortedcontainers opentelemetry-exporter-prometheus==0.66b2
 	$(PIP) install -e '.[local,test,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -25,9 +25,13 @@ from gateway.reload import ignore_hangup_until_serving
 
 logger = logging.getLogger("gateway")
 
+# The name of the store `local_engines.kv_store` starts (engines[].kv_store of its engines).
+LOCAL_KV_STORE = "local"
+
 
 def local_engine_configs(local: LocalEnginesConfig) -> tuple[list[EngineConfig], object]:
     """Build the model, start the engines; returns their configs and the running fleet."""
+    from engine_adapter.launch.kv_store import KVStoreSpec
     from engine_adapter.launch.launcher import EngineFleet, local_specs
     from engine_adapter.launch.tiny_model import ensure_tiny_model
 
@@ -45,8 +49,13 @@ def local_engine_configs(local: LocalEnginesConfig) -> tuple[list[EngineConfig],
         max_model_len=local.max_model_len,
         extra_args=local.extra_args,
         kv_transfer_base_port=local.kv_transfer_base_port if local.kv_transfer else None,
+        kv_store_port=local.kv_store_port if local.kv_store else None,
     )
-    fleet = EngineFleet(specs, local.log_dir)
+    store = None
+    if local.kv_store:
+        store = KVStoreSpec(LOCAL_KV_STORE, local.kv_store_port, local.kv_store_http_port, host=local.host,
+                            l1_size_gib=local.kv_store_gib)  # fmt: skip
+    fleet = EngineFleet(specs, local.log_dir, kv_store=store)
     logger.info("starting %d CPU vLLM engines (logs in %s); this takes about a minute", len(specs), local.log_dir)
     fleet.start(timeout_s=local.startup_timeout_s)
     engines = [
@@ -56,6 +65,7 @@ def local_engine_configs(local: LocalEnginesConfig) -> tuple[list[EngineConfig],
             kv_events_endpoint=s.kv_events_endpoint,
             models=[s.served_model_name],
             kv_transfer=s.kv_transfer_port is not None,
+            kv_store=LOCAL_KV_STORE if s.kv_store_port is not None else None,
         )
         for s in specs
     ]

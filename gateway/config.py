@@ -152,12 +152,22 @@ class EngineConfig(_Strict):
     # prompts, "decode" engines pull that KV and generate, "both" do either (and everything
     # when the fleet has no split). A split needs NIXL: prefill and decode need `kv_transfer`.
     role: Literal["prefill", "decode", "both"] = "both"
+    # The shared KV store the engine's connector reads and writes (vLLM's LMCacheMPConnector
+    # to an LMCache server): engines naming the same store load what any of them stored there.
+    kv_store: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
 
     @model_validator(mode="after")
     def _role_needs_kv_transfer(self) -> EngineConfig:
         if self.role != "both" and not self.kv_transfer:
             raise ValueError(f"role {self.role!r} needs kv_transfer: true (the decode engine pulls the KV over NIXL)")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_store(cls, value: str) -> str:
+        if value.startswith("kv-store:"):
+            raise ValueError("names starting with 'kv-store:' are the index's names for shared KV stores")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -184,6 +194,12 @@ class LocalEnginesConfig(_Strict):
     # their NIXL side channels listen on consecutive ports from this one.
     kv_transfer: bool = False
     kv_transfer_base_port: int = Field(default=5600, ge=1024, le=65000)
+    # Start one LMCache server (a shared KV store in host memory) and the engines with vLLM's
+    # LMCacheMPConnector to it: a prefix any engine computed loads on the others.
+    kv_store: bool = False
+    kv_store_port: int = Field(default=5580, ge=1024, le=65000)
+    kv_store_http_port: int = Field(default=5581, ge=1024, le=65000)
+    kv_store_gib: float = Field(default=1.0, gt=0)
     startup_timeout_s: float = Field(default=300.0, gt=0)
     log_dir: str = ".cache/engine-logs"
 
@@ -193,6 +209,13 @@ class LocalEnginesConfig(_Strict):
         if value % 32:
             raise ValueError("vLLM's CPU backend needs a multiple of 32")
         return value
+
+    @model_validator(mode="after")
+    def _one_connector(self) -> LocalEnginesConfig:
+        if self.kv_transfer and self.kv_store:
+            raise ValueError("kv_transfer and kv_store each give the engines a KV connector (NIXL, LMCache); "
+                             "local CPU engines take one: set one of them")  # fmt: skip
+        return self
 
 
 class ModelConfig(_Strict):

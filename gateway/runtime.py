@@ -85,7 +85,8 @@ class GatewayRuntime:
         self.transfer_model = TransferCostModel()
         self.index = InMemoryIndex(capacity_chunks=kv.capacity_chunks)
         self.ingestor = IndexIngestor(self.index, self.layout, lambda engine: self.registry.model_of(engine),
-                                      on_reset=self._on_index_reset, on_stored=self.working_sets.touch)  # fmt: skip
+                                      on_reset=self._on_index_reset, on_stored=self.working_sets.touch,
+                                      store_of=lambda engine: self.registry.store_of(engine))  # fmt: skip
         self.responses = ResponseAffinity(fleet=lambda: [e.id for e in self.registry.endpoints])
         self.feeds = EventFeeds(self.ingestor, replay_timeout_s=kv.replay_timeout_s)
         self.tokenizers: ModelTokenizers | None = None  # built with the control client, when a policy needs them
@@ -283,6 +284,7 @@ class GatewayRuntime:
                 self.index, self.tokenizers, registry, self.working_sets, self.layout,
                 speculative_ttl_s=kv.speculative_ttl_s, approximate_ttl_s=kv.approximate_ttl_s,
                 on_tokenize_failure=lambda model: metrics.tokenization_failures.labels(model).inc(),
+                store_writes=self.ingestor.store_writes,
             )  # fmt: skip
         transfers = None
         if plan.plans_transfers and prefix is not None:

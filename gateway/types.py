@@ -68,6 +68,8 @@ class RoutingRequest:
     num_prompt_tokens_estimated: bool = False
     # Per engine, the longest prefix of chunk_keys it holds (one index lookup per request).
     prefix_matches: dict[EngineId, PrefixMatch] = field(default_factory=dict)
+    # Shared stores' announcements seen when `prefix_matches` was looked up (StoreWrites.seq).
+    store_writes_seq: int = 0
     # Per engine, the time to first token the kv_aware scorer estimated (and the way: recompute
     # or a KV transfer); the transfer step executes what was estimated for the chosen engine.
     ttft_estimates: dict[EngineId, TTFTEstimate] = field(default_factory=dict)

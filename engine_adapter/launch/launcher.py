@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine_adapter.launch.kv_store import NO_TELEMETRY_ENV, KVStoreSpec, LocalKVStore, connector_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,8 +60,15 @@ class EngineSpec:
     # NIXL side-channel port: set, the engine can hand its cached KV to other engines and
     # take theirs (engine_adapter.transfer); each engine on a host needs its own.
     kv_transfer_port: int | None = None
+    # Port of the shared KV store (an LMCache server on `host`, engine_adapter.launch.kv_store):
+    # set, the engine runs vLLM's LMCacheMPConnector to it. One connector: not with NIXL.
+    kv_store_port: int | None = None
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kv_transfer_port is not None and self.kv_store_port is not None:
+            raise ValueError(f"engine {self.name}: NIXL KV transfer and a KV store are two KV connectors; pick one")
 
     @property
     def confine_to_cores(self) -> bool:
@@ -102,6 +111,8 @@ class EngineSpec:
             args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
         if self.kv_transfer_port is not None:
             args += ["--kv-transfer-config", json.dumps(NIXL_TRANSFER_CONFIG)]
+        if self.kv_store_port is not None:
+            args += ["--kv-transfer-config", json.dumps(connector_config(self.host, self.kv_store_port))]
         return args + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -115,6 +126,8 @@ class EngineSpec:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.host
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.kv_transfer_port)
             env.update(NIXL_CPU_ENV)
+        if self.kv_store_port is not None:
+            env.update(NO_TELEMETRY_ENV)
         env.update(dict(self.extra_env))
         return env
 
@@ -226,13 +239,18 @@ def wait_ready(engines: Sequence[LocalEngine], timeout_s: float) -> None:
 
 
 class EngineFleet:
-    """Start several engines together (they compile concurrently) and stop them all."""
+    """Start several engines together (they compile concurrently) and stop them all; with
+    `kv_store`, the shared KV store the engines attach to is started first and stopped last."""
 
-    def __init__(self, specs: Sequence[EngineSpec], log_dir: str | Path) -> None:
+    def __init__(self, specs: Sequence[EngineSpec], log_dir: str | Path, kv_store: KVStoreSpec | None = None) -> None:
         self.engines = [LocalEngine(s, Path(log_dir) / f"{s.name}.log") for s in specs]
+        self.kv_store = None if kv_store is None else LocalKVStore(kv_store, Path(log_dir) / f"{kv_store.name}.log")
 
     def start(self, timeout_s: float = 300.0) -> None:
         try:
+            if self.kv_store is not None:
+                self.kv_store.start()
+                self.kv_store.wait_ready(timeout_s)
             for engine in self.engines:
                 engine.start()
             wait_ready(self.engines, timeout_s)
@@ -259,6 +277,8 @@ class EngineFleet:
                 _signal_group(engine.process.pid, signal.SIGTERM)
         for engine in self.engines:
             engine.stop()
+        if self.kv_store is not None:
+            self.kv_store.stop()
 
     def __enter__(self) -> EngineFleet:
         self.start()
@@ -282,6 +302,7 @@ def local_specs(
     extra_args: Sequence[str] = (),
     num_gpu_blocks_override: int | None = None,
     kv_transfer_base_port: int | None = None,
+    kv_store_port: int | None = None,
     extra_env: Mapping[str, str] | None = None,
 ) -> list[EngineSpec]:
     """Specs for `count` engines on consecutive ports, each pinned to its own core."""
@@ -300,6 +321,7 @@ def local_specs(
             cpu_bind=str(i % num_cpus),
             num_gpu_blocks_override=num_gpu_blocks_override,
             kv_transfer_port=None if kv_transfer_base_port is None else kv_transfer_base_port + i,
+            kv_store_port=kv_store_port,
             extra_args=tuple(extra_args),
             extra_env=tuple((extra_env or {}).items()),
         )

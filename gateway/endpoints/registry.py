@@ -26,6 +26,8 @@ class Endpoint:
     kv_transfer: bool = False
     # Prefill/decode disaggregation: "prefill", "decode" or "both" (gateway.proxy.disaggregation).
     role: str = "both"
+    # The shared KV store the engine loads from and writes to (gateway.kvindex.stores).
+    kv_store: str | None = None
     # Models from the config; `discovered_models` comes from GET /v1/models.
     configured_models: frozenset[str] = frozenset()
     discovered_models: frozenset[str] = frozenset()
@@ -66,6 +68,7 @@ class Endpoint:
             api_key=config.api_key,
             kv_transfer=config.kv_transfer,
             role=config.role,
+            kv_store=config.kv_store,
             configured_models=frozenset(config.models),
         )
 
@@ -76,6 +79,7 @@ class Endpoint:
         self.api_key = new.api_key
         self.kv_transfer = new.kv_transfer
         self.role = new.role
+        self.kv_store = new.kv_store
         self.configured_models = frozenset(new.models)
         events = (new.kv_events_endpoint, new.kv_events_replay_endpoint)
         if events == (running.kv_events_endpoint, running.kv_events_replay_endpoint):
@@ -177,6 +181,15 @@ class EndpointRegistry:
                 if card.get("id") == model and card.get("parent"):
                     return str(card["parent"]), model
         return model, None
+
+    def store_of(self, engine_id: str) -> str | None:
+        """The shared KV store `engine_id` is attached to, if any."""
+        endpoint = self.get(engine_id)
+        return None if endpoint is None else endpoint.kv_store
+
+    def store_attachments(self) -> list[tuple[EngineId, str]]:
+        """(engine, store) for every engine attached to a shared KV store."""
+        return [(e.id, e.kv_store) for e in self.endpoints if e.kv_store is not None]
 
     def model_of(self, engine_id: str) -> str | None:
         """The (first) base model an engine serves: the root of its event chains."""

@@ -10,8 +10,16 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
-from gateway.kvindex.base import TIER_APPROXIMATE, TIER_REPORTED, TIER_SPECULATIVE, ChunkIndex, PrefixMatch
+from gateway.kvindex.base import (
+    TIER_APPROXIMATE,
+    TIER_REPORTED,
+    TIER_SPECULATIVE,
+    TIER_STORAGE,
+    ChunkIndex,
+    PrefixMatch,
+)
 from gateway.kvindex.layout import KVLayout
+from gateway.kvindex.stores import StoreWrites, store_holder, with_store_hits
 from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.tokenization.chunking import chain_root, chunk_keys
 from gateway.tokenization.tokenizer import PromptTokenizer, TokenizationFailed
@@ -39,6 +47,7 @@ class PrefixService:
         speculative_ttl_s: float,
         approximate_ttl_s: float,
         on_tokenize_failure: Callable[[str], None] | None = None,
+        store_writes: StoreWrites | None = None,
     ) -> None:
         self.index = index
         self._tokenizers = tokenizers
@@ -48,6 +57,8 @@ class PrefixService:
         self._speculative_ttl_s = speculative_ttl_s
         self._approximate_ttl_s = approximate_ttl_s
         self._on_tokenize_failure = on_tokenize_failure
+        # When shared stores' chunks were announced (the ingestor's): see learn_store_miss.
+        self._store_writes = store_writes or StoreWrites(0)
         self._failure_logged_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -61,6 +72,7 @@ class PrefixService:
             return
         tokenizer = self._tokenizers.for_model(request.model)
         root = self._chain_root(request)
+        request.store_writes_seq = self._store_writes.seq
         looked_up: list[tuple[list[RequestChunkKey], dict[EngineId, PrefixMatch]]] = []
 
         def head_is_enough(head_ids: Sequence[int]) -> bool:
@@ -69,7 +81,7 @@ class PrefixService:
             keys = chunk_keys(head_ids, self.block_size, root)
             if not keys:
                 return False
-            matches = self.index.lookup(keys)
+            matches = self.lookup(keys)
             if any(m.num_chunks >= len(keys) for m in matches.values()):
                 return False
             looked_up.append((keys, matches))
@@ -86,11 +98,17 @@ class PrefixService:
         request.token_ids = tokens.ids
         if tokens.complete:
             request.chunk_keys = chunk_keys(tokens.ids, self.block_size, root)
-            request.prefix_matches = self.index.lookup(request.chunk_keys) if request.chunk_keys else {}
+            request.prefix_matches = self.lookup(request.chunk_keys) if request.chunk_keys else {}
         else:
             request.chunk_keys, request.prefix_matches = looked_up[-1]
             request.num_prompt_tokens_estimated = True
             request.num_unread_chunks = max(0, tokens.num_tokens // self.block_size - len(request.chunk_keys))
+
+    def lookup(self, keys: Sequence[RequestChunkKey]) -> dict[EngineId, PrefixMatch]:
+        """Per engine, the longest prefix of `keys` it holds, a shared store's included."""
+        matches = self.index.lookup(keys)
+        with_store_hits(matches, self._registry.store_attachments)
+        return matches
 
     def _tokenize_failed(self, model: str, reason: str) -> None:
         if self._on_tokenize_failure is not None:
@@ -153,6 +171,21 @@ class PrefixService:
         keys = request.chunk_keys[:num_chunks]
         if keys:
             self.index.add(engine, keys, TIER_REPORTED, ttl_s=self._approximate_ttl_s)
+
+    def learn_store_miss(self, request: RoutingRequest, engine: EngineId, cached_tokens: int) -> None:
+        """The engine served only `cached_tokens` of a prefix its shared store was thought to
+        hold further: the store evicted the rest (LMCache's fast mode announces no evictions),
+        so the store's entries from there to the end of its run go, for every engine."""
+        store = self._registry.store_of(engine)
+        match = request.prefix_matches.get(engine)
+        if store is None or match is None or not self.block_size:
+            return
+        served = cached_tokens // self.block_size
+        run = match.by_tier.get(TIER_STORAGE, 0)
+        missed = request.chunk_keys[served:run]
+        # Written again since the lookup (the engine recomputed them and stored them anew): kept.
+        if missed and not self._store_writes.written_after(missed, request.store_writes_seq):
+            self.index.evict(store_holder(store), missed, TIER_STORAGE)
 
     async def _learn_whole(self, request: RoutingRequest, engine: EngineId, num_chunks: int) -> None:
         tokenizer = self._tokenizers.for_model(request.model)

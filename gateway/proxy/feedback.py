@@ -42,6 +42,8 @@ class PredictionFeedback:
         m.prediction_error.observe(error)
         if error >= self._prefix.block_size:
             self._prefix.learn_reported(request, engine, actual)
+        elif error <= -self._prefix.block_size:
+            self._prefix.learn_store_miss(request, engine, actual)
         block = self._prefix.block_size
         verdict = "within_one_block" if abs(error) <= block else ("under" if error > 0 else "over")
         m.predictions.labels(verdict).inc()

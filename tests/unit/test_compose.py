@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_compose_file_wires_gateway_and_two_engines() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"gateway", "engine-0", "engine-1"} <= set(services)
+    assert {"gateway", "engine-0", "engine-1", "kv-store"} <= set(services)
     gateway = services["gateway"]
     assert "8000:8000" in gateway["ports"]
     assert any(v.startswith("./configs/compose.yaml:") for v in gateway["volumes"])
@@ -22,14 +22,26 @@ def test_compose_file_wires_gateway_and_two_engines() -> None:
     assert gateway["command"][-1] == config_path
     for name in ("engine-0", "engine-1"):
         engine = services[name]
-        assert engine["image"].startswith("vllm/vllm-openai")
+        assert engine["image"].startswith("lmcache/vllm-openai")  # vLLM, with LMCache for the store
         args = " ".join(engine["command"])
         assert "--enable-prefix-caching" in args
         assert "--enable-prompt-tokens-details" in args
         assert '"enable_kv_cache_events":true' in args and "tcp://*:5557" in args
         assert '"kv_connector":"NixlConnector"' in args
+        # ... and the shared store's connector, beside NIXL (vLLM's MultiConnector).
+        assert '"kv_connector":"MultiConnector"' in args and '"kv_connector":"LMCacheMPConnector"' in args
+        assert '"lmcache.mp.host":"tcp://kv-store","lmcache.mp.port":5555' in args
+        assert engine["environment"]["LMCACHE_TRACK_USAGE"] == "false"
         assert engine["environment"]["VLLM_NIXL_SIDE_CHANNEL_HOST"] == name
         assert engine["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_compose_runs_one_lmcache_server_as_the_shared_store() -> None:
+    store = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["kv-store"]
+    assert store["entrypoint"] == ["lmcache", "server"]
+    args = " ".join(store["command"])
+    assert "--port=5555" in args and "--chunk-size=256" in args and "--eviction-policy=LRU" in args
+    assert store["environment"]["LMCACHE_TRACK_USAGE"] == "false" and store["ipc"] == "host"
 
 
 def test_compose_gateway_config_points_at_the_services() -> None:
@@ -38,6 +50,7 @@ def test_compose_gateway_config_points_at_the_services() -> None:
     assert [e.url for e in config.engines] == ["http://engine-0:8000", "http://engine-1:8000"]
     assert [e.kv_events_endpoint for e in config.engines] == ["tcp://engine-0:5557", "tcp://engine-1:5557"]
     assert all(e.kv_transfer for e in config.engines) and config.kv_transfer.enabled
+    assert {e.kv_store for e in config.engines} == {"shared"}
     # The block size and the tokenizer come from the engines: nothing to keep in step by hand.
     assert config.routing.policy == "kv_aware" and config.kv_index.block_size is None
     assert config.models == []

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from engine_adapter.launch.kv_store import KVStoreSpec
 from engine_adapter.launch.launcher import EngineSpec, local_specs
 
 
@@ -31,3 +34,32 @@ def test_local_specs_give_each_engine_its_own_side_channel_port_and_core() -> No
     assert [s.kv_transfer_port for s in specs] == [5600, 5601]
     assert len({s.port for s in specs}) == 2 and len({s.kv_events_port for s in specs}) == 2
     assert [s.kv_transfer_port for s in local_specs(2, model_dir="/m", served_model_name="m")] == [None, None]
+
+
+def test_engines_attached_to_a_kv_store_run_lmcaches_connector_to_it() -> None:
+    spec = EngineSpec(name="e", model_dir="/m", served_model_name="m", port=8100, kv_store_port=5580)
+    config = json.loads(args_after(spec.command(), "--kv-transfer-config"))
+    assert config["kv_connector"] == "LMCacheMPConnector" and config["kv_role"] == "kv_both"
+    assert config["kv_connector_extra_config"] == {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 5580}
+    env = spec.environment()
+    assert env["LMCACHE_TRACK_USAGE"] == "false" and env["DO_NOT_TRACK"] == "1"
+    assert "VLLM_NIXL_SIDE_CHANNEL_PORT" not in env
+    specs = local_specs(2, model_dir="/m", served_model_name="m", kv_store_port=5580)
+    assert [s.kv_store_port for s in specs] == [5580, 5580]
+
+
+def test_an_engine_takes_one_kv_connector() -> None:
+    with pytest.raises(ValueError, match="pick one"):
+        EngineSpec(name="e", model_dir="/m", served_model_name="m", port=8100, kv_transfer_port=5601, kv_store_port=5580)
+
+
+def test_the_kv_store_command_is_lmcaches_server_in_the_fast_transfer_mode() -> None:
+    spec = KVStoreSpec("local", port=5580, http_port=5581, l1_size_gib=2)
+    command = spec.command()
+    assert command[0].endswith("/lmcache") and command[1] == "server"
+    assert args_after(command, "--port") == "5580" and args_after(command, "--http-port") == "5581"
+    assert args_after(command, "--chunk-size") == "256" and args_after(command, "--l1-size-gb") == "2"
+    assert args_after(command, "--eviction-policy") == "LRU"
+    assert args_after(command, "--supported-transfer-mode") == "auto" and args_after(command, "--shm-name")
+    assert args_after(command, "--kv-event-log-size") == "0"
+    assert spec.environment()["LMCACHE_TRACK_USAGE"] == "false"
