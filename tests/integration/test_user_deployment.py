@@ -60,10 +60,9 @@ class UserEngine:
 
 def compose_engine_command(service: str, model_dir: Path, port: int, events_port: int) -> list[str]:
     """The compose service's engine arguments, run on this CPU host: the model is the tiny
-    local one; the block size a multiple of 32 (vLLM's CPU backend needs it); of its two KV
-    connectors NIXL only, its KV buffers in host memory, with the one-thread, non-spinning
-    agent a 2-core host needs; the KV cache capped so that the workload below does not fit in
-    one engine."""
+    local one; the block size a multiple of 32 (vLLM's CPU backend needs it); NIXL's KV
+    buffers in host memory, with the one-thread, non-spinning agent a 2-core host needs; the
+    KV cache capped so that the workload below does not fit in one engine."""
     args: list[str] = []
     for arg in yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"][service]["command"]:
         flag, _, value = arg.partition("=")
@@ -78,12 +77,6 @@ def compose_engine_command(service: str, model_dir: Path, port: int, events_port
             value = value.replace("tcp://*:5557", f"tcp://*:{events_port}")
         elif flag == "--kv-transfer-config":
             given = json.loads(value)
-            if given["kv_connector"] == "MultiConnector":
-                # NIXL beside the shared store's LMCache connector: CPU engines take one connector
-                # here, NIXL (the store between real engines: test_kv_store.py).
-                connectors = given["kv_connector_extra_config"]["connectors"]
-                assert {c["kv_connector"] for c in connectors} == {"NixlConnector", "LMCacheMPConnector"}
-                given = next(c for c in connectors if c["kv_connector"] == "NixlConnector")
             assert given["kv_connector"] == NIXL_TRANSFER_CONFIG["kv_connector"]
             assert given["kv_role"] == NIXL_TRANSFER_CONFIG["kv_role"]
             value = json.dumps({**given, **NIXL_TRANSFER_CONFIG})
