@@ -86,7 +86,8 @@ class Dispatcher:
         self._config = config
         self._prefix = prefix
         cost_model = cost_model or CostModel()
-        self._ledger = LoadLedger(prefix, cost_model, metrics)
+        store_model = store_model or StoreLoadModel()
+        self._ledger = LoadLedger(prefix, cost_model, metrics, store_model)
         self._feedback = PredictionFeedback(cost_model, metrics, prefix, store_model)
         self._transfers = transfers
         self._disaggregation = Disaggregation(
