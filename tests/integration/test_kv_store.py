@@ -145,3 +145,30 @@ def test_a_prefix_evicted_from_one_engine_is_served_to_the_other_from_the_store(
         assert ours == pytest.approx(theirs, abs=1e-3)
     # B's own events then put the prefix in its device cache in the index.
     wait_until(lambda: held(gateway, prompt, b).get(TIER_GPU, 0) >= store_blocks, 10, "B's KV events")
+
+
+def store_samples(gateway: GatewayServer) -> float:
+    resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": "x"}, headers=ADMIN, timeout=30)
+    resp.raise_for_status()
+    return float(resp.json()["store_model"]["num_samples"])
+
+
+def test_a_streamed_answer_loaded_from_the_store_calibrates_the_store_model(
+    gateway: GatewayServer, store_fleet: EngineFleet
+) -> None:
+    engine_a, engine_b = store_fleet.engines
+    a, b = engine_a.spec.name, engine_b.spec.name
+    prompt = text_of(7070, 700)
+    complete_on(engine_a.spec.url, prompt, max_tokens=1)  # A writes it to the store
+    wait_until(lambda: held(gateway, prompt, b).get(TIER_STORAGE, 0) > 0, 20, "the store tier for B")
+    before = store_samples(gateway)
+    set_draining(gateway, a, True)
+    try:
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", timeout=120,
+                          json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2, "stream": True}) as resp:  # fmt: skip
+            assert resp.status_code == 200 and resp.headers["x-gateway-engine"] == b
+            resp.read()
+    finally:
+        set_draining(gateway, a, False)
+    # B reported the loaded tokens as cached: its time to first token is the store model's sample.
+    wait_until(lambda: store_samples(gateway) == before + 1, 10, "the store model's sample")
