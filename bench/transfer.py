@@ -149,7 +149,7 @@ def picks(estimator: TTFTEstimator, length: int, busy_tokens: int) -> tuple[dict
         if on_b.transfer is not None:
             options["transfer"] = on_b.transfer.ttft_s
         if busy:
-            options["wait"] = situation.estimate(request, a).recompute_s
+            options["wait"] = situation.estimate(request, a).local_s
         out.append(options)
     return out[0], out[1]
 

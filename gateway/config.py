@@ -287,7 +287,7 @@ class KVTransferConfig(_Strict):
     transfers: it compares them with recomputing and with waiting for the holder."""
 
     enabled: bool = True
-    # Prefixes shorter than this (tokens beyond what the target already holds) are recomputed.
+    # Prefixes shorter than this (tokens beyond what the target holds, or loads from its store) are not pulled.
     min_prefix_tokens: int = Field(default=512, ge=1)
     # Both transfer steps together; past it the request is recomputed on the target.
     timeout_s: float = Field(default=5.0, gt=0)

@@ -25,6 +25,7 @@ from gateway.routing.base import ScorerContext
 from gateway.routing.cost_model import CostModel
 from gateway.routing.registry import build_scorers, policy_label
 from gateway.routing.router import Router
+from gateway.routing.store_model import StoreLoadModel
 from gateway.routing.transfer_model import TransferCostModel
 from gateway.routing.ttft import TTFTEstimator
 
@@ -47,12 +48,14 @@ def plan_routing(
     working_sets: WorkingSetTracker,
     cost_model: CostModel,
     transfer_model: TransferCostModel,
+    store_model: StoreLoadModel,
 ) -> RoutingPlan:
     """The policy of `config` over `registry`'s engines; ConfigError naming the field when it
     cannot be built. No I/O: a bad policy fails before anything starts for it."""
     estimator = TTFTEstimator(
-        cost_model, layout=layout, registry=registry, transfer_model=transfer_model, transfer_config=config.kv_transfer
-    )
+        cost_model, layout=layout, registry=registry, transfer_model=transfer_model,
+        transfer_config=config.kv_transfer, store_model=store_model,
+    )  # fmt: skip
     context = ScorerContext(
         session_header=config.routing.session_header,
         layout=layout,

@@ -47,6 +47,7 @@ from gateway.proxy.transfer import KVTransferRunner
 from gateway.proxy.probe import probe_inference
 from gateway.proxy.upstream import UpstreamClient, build_client
 from gateway.routing.cost_model import CostModel
+from gateway.routing.store_model import StoreLoadModel
 from gateway.routing.transfer_model import TransferCostModel
 from gateway.tokenization.engine import EngineTokenizer
 from gateway.tokenization.models import ModelTokenizers
@@ -83,6 +84,7 @@ class GatewayRuntime:
         self.working_sets = WorkingSetTracker(window_s=kv.working_set_window_s)
         self.cost_model = CostModel()
         self.transfer_model = TransferCostModel()
+        self.store_model = StoreLoadModel()
         self.index = InMemoryIndex(capacity_chunks=kv.capacity_chunks)
         self.ingestor = IndexIngestor(self.index, self.layout, lambda engine: self.registry.model_of(engine),
                                       on_reset=self._on_index_reset, on_stored=self.working_sets.touch,
@@ -258,7 +260,8 @@ class GatewayRuntime:
 
     def _plan_for(self, config: GatewayConfig, registry: EndpointRegistry) -> RoutingPlan:
         return plan_routing(config, registry, layout=self.layout, working_sets=self.working_sets,
-                            cost_model=self.cost_model, transfer_model=self.transfer_model)  # fmt: skip
+                            cost_model=self.cost_model, transfer_model=self.transfer_model,
+                            store_model=self.store_model)  # fmt: skip
 
     def _tokenizers_for(self, config: GatewayConfig, registry: EndpointRegistry) -> None:
         """Built once, the first time a policy needs them (they outlive configurations)."""
@@ -293,7 +296,7 @@ class GatewayRuntime:
             )
         dispatcher = Dispatcher(
             plan.router, self.upstream.with_config(config.proxy), self.outlier, metrics, config.proxy,
-            prefix, self.cost_model, transfers, self.responses,
+            prefix, self.cost_model, transfers, self.responses, self.store_model,
         )  # fmt: skip
         return Generation(config, registry, plan.router, plan.estimator, plan.uses_prefix, prefix, transfers,
                           dispatcher, APIKeys(config.server.api_keys, config.limits.max_concurrent_requests_per_key))  # fmt: skip

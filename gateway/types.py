@@ -33,6 +33,18 @@ class PrefixMatch:
     num_chunks: int = 0  # in any tier
     by_tier: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def own_chunks(self) -> int:
+        """The chunks the engine holds itself, a shared store's run left out (it loads those
+        from the store when asked, gateway.kvindex.stores)."""
+        if TIER_STORAGE not in self.by_tier:
+            return self.num_chunks
+        return max((run for tier, run in self.by_tier.items() if tier != TIER_STORAGE), default=0)
+
+    @property
+    def store_chunks(self) -> int:
+        return self.by_tier.get(TIER_STORAGE, 0)
+
 
 def cached_prefix_tokens(num_chunks: int, num_prompt_tokens: int, block_size: int) -> int:
     """The prompt tokens an engine holding `num_chunks` leading chunks serves from its cache,

@@ -13,7 +13,7 @@ from gateway.api.admin import require_admin
 from gateway.api.openai import parse_request, read_body, routing_request_from
 from gateway.api.validation import parse_json_object
 from gateway.generation import current
-from gateway.routing.ttft import TTFTEstimate
+from gateway.routing.ttft import OPTIONS, TTFTEstimate
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH
 
 
@@ -37,8 +37,8 @@ def build_debug_router() -> APIRouter:
         if prefix is not None:
             await prefix.annotate(routing_request)
         decision = router_.evaluate(routing_request)
-        # Seconds to first token per engine, recomputing or after a KV transfer, as kv_aware
-        # weighs them (shown whatever the policy).
+        # Seconds to first token per engine by each way of serving it (own hit, store load,
+        # peer pull, recompute), as kv_aware weighs them (shown whatever the policy).
         estimator = generation.estimator
         candidates = router_.candidates(routing_request)
         estimates = {e.id: estimator.estimate(routing_request, e) for e in candidates}
@@ -65,6 +65,7 @@ def build_debug_router() -> APIRouter:
                 "engines": engines,
                 "cost_model": estimator.cost_model.describe(),
                 "transfer_model": estimator.transfer_model.describe() if estimator.transfer_enabled else None,
+                "store_model": estimator.store_model.describe(),
                 "explain_ms": (time.perf_counter() - started) * 1000,
                 # With `server.workers` > 1 each worker has its own index, fed by the same
                 # events: which one answered tells an operator (or a test) whose view this is.
@@ -77,11 +78,20 @@ def build_debug_router() -> APIRouter:
 
 def _describe_estimate(estimate: TTFTEstimate | None) -> dict[str, Any]:
     if estimate is None:
-        return {"estimated_ttft_s": None, "estimated_recompute_s": None, "transfer": None}
-    option = estimate.transfer
+        return {"estimated_ttft_s": None, "chosen_option": None, "options": dict.fromkeys(OPTIONS),
+                "store_load": None, "transfer": None}  # fmt: skip
+    option, store = estimate.transfer, estimate.store_load
     return {
         "estimated_ttft_s": estimate.best_s,
-        "estimated_recompute_s": estimate.recompute_s,
+        # What serving it there would do: the engine's own way, or a peer pull the gateway runs.
+        "chosen_option": estimate.chosen,
+        "options": estimate.options_s(),  # seconds; None: the engine lacks that option
+        "store_load": None if store is None else {
+            "cached_tokens": store.cached_tokens,
+            "loaded_tokens": store.loaded_tokens,
+            "estimated_load_s": store.load_s,
+            "estimated_ttft_s": store.ttft_s,
+        },
         "transfer": None if option is None else {
             "source": option.source,
             "prefix_tokens": option.prefix_tokens,

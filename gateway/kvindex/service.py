@@ -181,7 +181,7 @@ class PrefixService:
         if store is None or match is None or not self.block_size:
             return
         served = cached_tokens // self.block_size
-        run = match.by_tier.get(TIER_STORAGE, 0)
+        run = match.store_chunks
         missed = request.chunk_keys[served:run]
         # Written again since the lookup (the engine recomputed them and stored them anew): kept.
         if missed and not self._store_writes.written_after(missed, request.store_writes_seq):
@@ -209,8 +209,4 @@ class PrefixService:
 def _held_by_engine(match: PrefixMatch | None) -> int:
     """Chunks of the match the engine holds itself, a shared store's run left out (it loads
     those, and holds them then: they are its to announce)."""
-    if match is None:
-        return 0
-    if TIER_STORAGE not in match.by_tier:
-        return match.num_chunks
-    return max((run for tier, run in match.by_tier.items() if tier != TIER_STORAGE), default=0)
+    return match.own_chunks if match is not None else 0

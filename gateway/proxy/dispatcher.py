@@ -48,6 +48,7 @@ from gateway.proxy.upstream import (
 )
 from gateway.proxy.usage import UsageTap, ask_for_usage
 from gateway.routing.cost_model import CostModel
+from gateway.routing.store_model import StoreLoadModel
 from gateway.routing.router import RoutingDecision, Router
 from gateway.tokenization.tokenizer import CHAT_PATH, COMPLETIONS_PATH
 from gateway.types import RoutingRequest
@@ -76,6 +77,7 @@ class Dispatcher:
         cost_model: CostModel | None = None,
         transfers: KVTransferRunner | None = None,
         responses: ResponseAffinity | None = None,
+        store_model: StoreLoadModel | None = None,
     ) -> None:
         self._router = router
         self._client = client
@@ -84,8 +86,9 @@ class Dispatcher:
         self._config = config
         self._prefix = prefix
         cost_model = cost_model or CostModel()
-        self._ledger = LoadLedger(prefix, cost_model, metrics)
-        self._feedback = PredictionFeedback(cost_model, metrics, prefix)
+        store_model = store_model or StoreLoadModel()
+        self._ledger = LoadLedger(prefix, cost_model, metrics, store_model)
+        self._feedback = PredictionFeedback(cost_model, metrics, prefix, store_model)
         self._transfers = transfers
         self._disaggregation = Disaggregation(
             router, client, self._ledger, self._feedback, outlier, metrics, config, prefix, transfers

@@ -17,7 +17,8 @@ from gateway.kvindex.service import PrefixService
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.transfer import CompletedTransfer
 from gateway.routing.cost_model import CostModel
-from gateway.types import RoutingRequest
+from gateway.routing.store_model import StoreLoadModel
+from gateway.types import RoutingRequest, cached_prefix_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,17 @@ class Attempt:
 
 
 class LoadLedger:
-    def __init__(self, prefix: PrefixService | None, cost_model: CostModel, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        prefix: PrefixService | None,
+        cost_model: CostModel,
+        metrics: GatewayMetrics,
+        store_model: StoreLoadModel | None = None,
+    ) -> None:
         self._prefix = prefix
         self._cost_model = cost_model
         self._metrics = metrics
+        self._store_model = store_model or StoreLoadModel()
 
     def acquire(self, request: RoutingRequest, endpoint: Endpoint) -> Attempt:
         predicted, prefill_s = self._predicted_prefill(request, endpoint)
@@ -88,5 +96,12 @@ class LoadLedger:
         """(cached tokens the engine should report, its predicted prefill seconds)."""
         if self._prefix is None or request.num_prompt_tokens is None:
             return None, 0.0
+        n = request.num_prompt_tokens
         predicted = self._prefix.predicted_cached_tokens(request, endpoint.id)
-        return predicted, self._cost_model.prefill_s(predicted, request.num_prompt_tokens - predicted)
+        prefill_s = self._cost_model.prefill_s(predicted, n - predicted)
+        match = request.prefix_matches.get(endpoint.id)
+        if match is not None and match.store_chunks > match.own_chunks:
+            # The engine loads from its store what it does not hold itself: engine time too.
+            own = cached_prefix_tokens(match.own_chunks, n, self._prefix.block_size)
+            prefill_s += self._store_model.seconds(predicted - own)
+        return predicted, prefill_s

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class CompletedTransfer:
     option: TransferOption
-    recompute_s: float  # what recomputing on the target was estimated to take
+    local_s: float  # what the target's own way (own hit, store load or recompute) was estimated to take
     started_at: float  # time.perf_counter()
 
 
@@ -92,7 +92,7 @@ class KVTransferRunner:
             "request %s: moved %d tokens of KV %s -> %s in %.0f ms",
             request.request_id, option.moved_tokens, holder.id, target.id, timings.total_s * 1000,
         )  # fmt: skip
-        return CompletedTransfer(option, estimate.recompute_s, started)
+        return CompletedTransfer(option, estimate.local_s, started)
 
     def _fell_back(self, request: RoutingRequest, holder: Endpoint, target: Endpoint, stage: str, why: str) -> None:
         self._metrics.kv_transfers.labels("fell_back").inc()
@@ -105,6 +105,6 @@ class KVTransferRunner:
     def first_byte(self, transfer: CompletedTransfer, at: float) -> None:
         """The request's first byte after a transfer: estimate against what happened."""
         ttft = self._metrics.kv_transfer_ttft
-        ttft.labels("recompute_estimated").inc(transfer.recompute_s)
+        ttft.labels("recompute_estimated").inc(transfer.local_s)
         ttft.labels("transfer_estimated").inc(transfer.option.ttft_s)
         ttft.labels("observed").inc(max(0.0, at - transfer.started_at))

@@ -59,11 +59,16 @@ def gateway(store_fleet: EngineFleet, model_configs: list[dict[str, Any]]) -> It
         yield server
 
 
-def held(gateway: GatewayServer, prompt: str, engine: str) -> dict[str, int]:
-    """The chunks of `prompt` the gateway's index says `engine` holds, per tier."""
+def explained(gateway: GatewayServer, prompt: str, engine: str) -> dict[str, Any]:
+    """What /debug/route says of `engine` for `prompt`."""
     resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": prompt}, headers=ADMIN, timeout=30)
     resp.raise_for_status()
-    return dict(resp.json()["engines"].get(engine, {}).get("matched_chunks_by_tier", {}))
+    return dict(resp.json()["engines"].get(engine, {}))
+
+
+def held(gateway: GatewayServer, prompt: str, engine: str) -> dict[str, int]:
+    """The chunks of `prompt` the gateway's index says `engine` holds, per tier."""
+    return dict(explained(gateway, prompt, engine).get("matched_chunks_by_tier", {}))
 
 
 def complete_on(url: str, prompt: str, max_tokens: int = 8) -> dict[str, Any]:
@@ -105,6 +110,11 @@ def test_a_prefix_evicted_from_one_engine_is_served_to_the_other_from_the_store(
     # Before the request: the index shows B (which never saw the prompt) the store's chunks.
     wait_until(lambda: held(gateway, prompt, b).get(TIER_STORAGE, 0) == store_blocks, 20, "the store tier for B")
     assert held(gateway, prompt, b).get(TIER_GPU, 0) == 0
+    # ... and prices serving it on B as a store load: no own hit, cheaper than recomputing.
+    on_b = explained(gateway, prompt, b)
+    assert on_b["chosen_option"] == "store_load" and on_b["options"]["own_hit"] is None
+    assert on_b["store_load"]["loaded_tokens"] >= (store_blocks - 1) * BLOCK_SIZE  # never the last token
+    assert on_b["options"]["store_load"] < on_b["options"]["recompute"]
     before = external_tokens(engine_b.spec.url)
 
     set_draining(gateway, a, True)
@@ -135,3 +145,30 @@ def test_a_prefix_evicted_from_one_engine_is_served_to_the_other_from_the_store(
         assert ours == pytest.approx(theirs, abs=1e-3)
     # B's own events then put the prefix in its device cache in the index.
     wait_until(lambda: held(gateway, prompt, b).get(TIER_GPU, 0) >= store_blocks, 10, "B's KV events")
+
+
+def store_samples(gateway: GatewayServer) -> float:
+    resp = httpx.post(f"{gateway.url}/debug/route", json={"model": MODEL_NAME, "prompt": "x"}, headers=ADMIN, timeout=30)
+    resp.raise_for_status()
+    return float(resp.json()["store_model"]["num_samples"])
+
+
+def test_a_streamed_answer_loaded_from_the_store_calibrates_the_store_model(
+    gateway: GatewayServer, store_fleet: EngineFleet
+) -> None:
+    engine_a, engine_b = store_fleet.engines
+    a, b = engine_a.spec.name, engine_b.spec.name
+    prompt = text_of(7070, 700)
+    complete_on(engine_a.spec.url, prompt, max_tokens=1)  # A writes it to the store
+    wait_until(lambda: held(gateway, prompt, b).get(TIER_STORAGE, 0) > 0, 20, "the store tier for B")
+    before = store_samples(gateway)
+    set_draining(gateway, a, True)
+    try:
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", timeout=120,
+                          json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2, "stream": True}) as resp:  # fmt: skip
+            assert resp.status_code == 200 and resp.headers["x-gateway-engine"] == b
+            resp.read()
+    finally:
+        set_draining(gateway, a, False)
+    # B reported the loaded tokens as cached: its time to first token is the store model's sample.
+    wait_until(lambda: store_samples(gateway) == before + 1, 10, "the store model's sample")

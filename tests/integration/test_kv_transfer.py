@@ -148,8 +148,9 @@ def test_debug_route_shows_the_transfer_option(gateway: GatewayServer) -> None:
     assert explained["chosen"] == target
     option = explained["engines"][target]["transfer"]
     assert option["source"] == holder and option["chosen"] is True
+    assert explained["engines"][target]["chosen_option"] == "peer_pull"
     assert option["prefix_tokens"] % BLOCK_SIZE == 0 and option["moved_tokens"] >= 256
-    assert option["estimated_ttft_s"] < explained["engines"][target]["estimated_recompute_s"]
+    assert option["estimated_ttft_s"] < explained["engines"][target]["options"]["recompute"]
 
 
 def test_holder_dying_mid_transfer_still_answers_by_recomputing(

@@ -8,7 +8,7 @@ from engine_adapter.metrics import EngineStats
 from gateway.kvindex.layout import KVLayout
 from gateway.config import KVTransferConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
-from gateway.kvindex.base import TIER_GPU, TIER_SPECULATIVE, PrefixMatch
+from gateway.kvindex.base import TIER_GPU, TIER_SPECULATIVE, TIER_STORAGE, PrefixMatch
 from gateway.routing.base import ScorerContext, ScorerParams
 from gateway.routing.cost_model import CostModel
 from gateway.routing.scorers.kv_aware import KVAwareScorer
@@ -140,3 +140,20 @@ def test_transfer_model_takes_wire_time_from_the_engines_nixl_metrics() -> None:
     target.stats = EngineStats(nixl_xfer_seconds=0.01)  # restarted: counters from zero
     model.refresh_wire_time([target])
     assert model.per_token_s >= 0.0
+
+
+def test_a_pull_competes_with_what_the_targets_store_gives_it() -> None:
+    holder, target = engine("a"), engine("b")
+    holder.draining = True
+    est = estimator(holder, target)
+    # The target's store has 100 chunks, the holder's GPU 250: the pull moves all the target
+    # lacks on its device, and is weighed against loading the 100 and recomputing the rest.
+    req = request(8192, {"a": gpu(250), "b": PrefixMatch(num_chunks=100, by_tier={TIER_STORAGE: 100})})
+    estimate = est.estimate(req, target)
+    assert estimate.transfer is not None and estimate.transfer.moved_tokens == 250 * BLOCK
+    assert estimate.store_load is not None and estimate.store_load.loaded_tokens == 100 * BLOCK
+    assert estimate.chosen == "peer_pull" and estimate.best_s == estimate.transfer.ttft_s < estimate.store_load.ttft_s
+    # A store that reaches as far as the holder leaves nothing worth pulling.
+    req = request(8192, {"a": gpu(250), "b": PrefixMatch(num_chunks=250, by_tier={TIER_STORAGE: 250})})
+    estimate = est.estimate(req, target)
+    assert estimate.transfer is None and estimate.chosen == "store_load"

@@ -9,13 +9,19 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.api.openai import until_client_leaves
-from gateway.endpoints.registry import Endpoint
+from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.kvindex.base import TIER_GPU, TIER_STORAGE, PrefixMatch
+from gateway.kvindex.layout import KVLayout
+from gateway.kvindex.memory import InMemoryIndex
+from gateway.kvindex.service import PrefixService
+from gateway.kvindex.working_set import WorkingSetTracker
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.ledger import LoadLedger
 from gateway.proxy.stream import Outcome, PassthroughResponse
 from gateway.proxy.upstream import BufferedResponse
 from gateway.routing.cost_model import CostModel
-from gateway.types import RoutingRequest
+from gateway.routing.store_model import StoreLoadModel
+from gateway.types import EngineId, RoutingRequest
 
 
 def ledger() -> LoadLedger:
@@ -82,3 +88,19 @@ def test_a_response_made_as_the_client_left_is_closed_and_released() -> None:
     assert answer.status_code == 499
     assert upstream.closed and outcomes == ["client_disconnected"]
     assert engine.in_flight == 0
+
+
+def test_a_store_load_counts_in_the_engines_queue() -> None:
+    engine = Endpoint(EngineId("a"), "http://a", kv_store="s")
+    prefix = PrefixService(InMemoryIndex(), None, EndpointRegistry([engine]), WorkingSetTracker(),  # type: ignore[arg-type]
+                           KVLayout(16), speculative_ttl_s=5, approximate_ttl_s=60)  # fmt: skip
+    cost, store = CostModel(), StoreLoadModel()
+    load = LoadLedger(prefix, cost, GatewayMetrics(CollectorRegistry()), store)
+    request = routing_request()
+    request.num_prompt_tokens = 4096
+    request.prefix_matches = {EngineId("a"): PrefixMatch(num_chunks=200, by_tier={TIER_STORAGE: 200, TIER_GPU: 50})}
+    attempt = load.acquire(request, engine)
+    # 3,200 tokens cached, 2,400 of them loaded from the store: the load is engine time too.
+    assert attempt.predicted_cached == 3200
+    assert attempt.prefill_s == pytest.approx(cost.prefill_s(3200, 896) + store.seconds(2400))
+    assert engine.pending_prefill_s == pytest.approx(attempt.prefill_s)

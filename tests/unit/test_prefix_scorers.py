@@ -245,9 +245,12 @@ def test_kv_aware_estimates_are_ttft() -> None:
     holder, other = endpoint("a", pending_s=0.5, in_flight=2), endpoint("b")
     req = request(4096, {"a": gpu(250)})
     estimates = kv_scorer(model).estimates(req, [holder, other])
-    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(4000, 96, 0.5, 2))
-    assert estimates["a"].transfer is None and estimates["a"].best_s == estimates["a"].recompute_s
-    assert estimates["b"].recompute_s == pytest.approx(model.ttft_s(0, 4096, 0.0, 0))
+    assert estimates["a"].own_hit_s == pytest.approx(model.ttft_s(4000, 96, 0.5, 2))
+    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(0, 4096, 0.5, 2))
+    assert estimates["a"].transfer is None and estimates["a"].store_load is None
+    assert estimates["a"].chosen == "own_hit" and estimates["a"].best_s == estimates["a"].own_hit_s
+    assert estimates["b"].own_hit_s is None and estimates["b"].chosen == "recompute"
+    assert estimates["b"].best_s == estimates["b"].recompute_s == pytest.approx(model.ttft_s(0, 4096, 0.0, 0))
 
 
 def test_kv_aware_never_counts_the_last_prompt_token_as_cached() -> None:
@@ -256,7 +259,7 @@ def test_kv_aware_never_counts_the_last_prompt_token_as_cached() -> None:
     # the last whole block before it: 48 cached, 16 computed (as it reports cached_tokens).
     req = request(64, {"a": gpu(4)})
     estimates = kv_scorer(model).estimates(req, [endpoint("a")])
-    assert estimates["a"].recompute_s == pytest.approx(model.ttft_s(48, 16, 0.0, 0))
+    assert estimates["a"].own_hit_s == pytest.approx(model.ttft_s(48, 16, 0.0, 0))
 
 
 def test_kv_aware_scores_are_relative_to_fastest() -> None:
@@ -264,3 +267,58 @@ def test_kv_aware_scores_are_relative_to_fastest() -> None:
     assert scores["a"] == 1.0
     assert 0.0 < scores["b"] < 1.0
     assert kv_scorer().score(request(1024), []) == {}
+
+
+# --- kv_aware with a shared KV store -------------------------------------------------------------
+
+
+def stored(chunks: int, own: int = 0) -> PrefixMatch:
+    """An engine attached to a store holding `chunks` of the prefix, `own` of them on its GPU."""
+    by_tier = {TIER_STORAGE: chunks, **({TIER_GPU: own} if own else {})}
+    return PrefixMatch(num_chunks=max(chunks, own), by_tier=by_tier)
+
+
+@pytest.mark.parametrize("num_tokens", [2048, 8192])
+def test_a_store_load_is_priced_between_a_local_hit_and_recomputing(num_tokens: int) -> None:
+    model = CostModel()
+    cached = num_tokens - BLOCK
+    req = request(num_tokens, {"local": gpu(cached // BLOCK), "store": stored(cached // BLOCK)})
+    estimates = kv_scorer(model).estimates(req, [endpoint("local"), endpoint("store")])
+    local, store = estimates["local"], estimates["store"]
+    assert local.chosen == "own_hit" and local.store_load is None
+    assert store.chosen == "store_load" and store.own_hit_s is None
+    assert store.store_load is not None and store.store_load.loaded_tokens == cached
+    assert local.best_s < store.best_s < store.recompute_s
+    # With the priors: a load adds a few ms per 2k tokens (measured ~5-10 ms), far below a prefill.
+    assert 0.005 < store.best_s - local.best_s < 0.06
+
+
+def test_a_store_load_counts_only_what_the_engine_does_not_hold_itself() -> None:
+    model = CostModel()
+    req = request(4096, {"a": stored(200, own=100)})
+    estimate = kv_scorer(model).estimates(req, [endpoint("a")])["a"]
+    assert estimate.store_load is not None and estimate.store_load.loaded_tokens == 100 * BLOCK
+    assert estimate.own_hit_s == pytest.approx(model.ttft_s(1600, 4096 - 1600, 0.0, 0))
+    # Its store reaches further than its own cache: vLLM loads it, whatever the own hit costs.
+    assert estimate.chosen == "store_load"
+    # A store run inside its own cache is nothing to load.
+    assert kv_scorer(model).estimates(request(4096, {"a": stored(50, own=100)}), [endpoint("a")])["a"].chosen == "own_hit"
+
+
+def test_kv_aware_prefers_the_store_over_recomputing_and_a_local_hit_over_the_store() -> None:
+    req = request(4096, {"store": stored(250)})
+    scores = kv_scorer().score(req, [endpoint("store"), endpoint("cold")])
+    assert scores["store"] == 1.0 and scores["cold"] < 0.5
+    req = request(4096, {"store": stored(250), "local": gpu(250)})
+    scores = kv_scorer().score(req, [endpoint("store"), endpoint("local")])
+    assert scores["local"] == 1.0 and scores["store"] < 1.0
+    assert req.ttft_estimates[EngineId("store")].chosen == "store_load"
+
+
+def test_the_estimate_lists_all_four_options() -> None:
+    estimate = kv_scorer().estimates(request(4096, {"a": stored(200, own=100)}), [endpoint("a")])["a"]
+    options = estimate.options_s()
+    assert list(options) == ["own_hit", "store_load", "peer_pull", "recompute"]
+    assert options["peer_pull"] is None  # no transfers without a registry and kv_transfer
+    assert options["own_hit"] is not None and options["store_load"] is not None
+    assert options["recompute"] == estimate.recompute_s

@@ -10,10 +10,11 @@ from gateway.types import EngineId, RoutingRequest
 
 @register("kv_aware")
 class KVAwareScorer(BaseScorer):
-    """Estimated time to first token per engine (gateway.routing.ttft): queue delay plus
-    prefill of the tokens the engine does not hold, or, where another engine holds more of
-    the prefix and KV transfer is on, the transfer and the prefill of the rest, whichever is
-    faster. Score = fastest engine's estimate / this engine's.
+    """Estimated time to first token per engine (gateway.routing.ttft): queue delay plus the
+    fastest way the engine can be given the prompt's prefix: its own cache, its shared store
+    (which the engine loads by itself when the store reaches further), a pull from a peer
+    (KV transfer, when on), or recomputing it. Score = fastest engine's estimate / this
+    engine's.
 
     The requests on an engine are its live load (our in-flight count plus others' work at the
     last scrape), not the scraped running count alone: a burst changes it between scrapes."""
@@ -26,7 +27,7 @@ class KVAwareScorer(BaseScorer):
         return {e.id: estimator.estimate(request, e) for e in endpoints}
 
     def score(self, request: RoutingRequest, endpoints: Sequence[Endpoint]) -> Mapping[EngineId, float]:
-        # Kept on the request: what the transfer step will execute (gateway.proxy.transfer).
+        # Kept on the request: a peer pull chosen here is executed by gateway.proxy.transfer.
         request.ttft_estimates = self.estimates(request, endpoints)
         seconds = {engine: estimate.best_s for engine, estimate in request.ttft_estimates.items()}
         if not seconds:
