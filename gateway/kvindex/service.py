@@ -134,8 +134,9 @@ class PrefixService:
             # Until the engine's own events say it stored this prompt's blocks, a speculative
             # entry stands in for the ones it did not hold: the matched prefix is there already
             # (a long conversation's next turn adds a few chunks, not all of them again).
-            held = _held_by_engine(request.prefix_matches.get(endpoint.id))
-            new_keys = request.chunk_keys[held:] if held else request.chunk_keys
+            # (Its own run: a shared store's it loads, and announces once it holds it.)
+            match = request.prefix_matches.get(endpoint.id)
+            new_keys = request.chunk_keys[match.own_chunks :] if match is not None else request.chunk_keys
             if new_keys:
                 self.index.add(endpoint.id, new_keys, TIER_SPECULATIVE, ttl_s=self._speculative_ttl_s)
         else:
@@ -205,8 +206,3 @@ class PrefixService:
     def match(self, request: RoutingRequest, engine: EngineId) -> PrefixMatch:
         return request.prefix_matches.get(engine) or PrefixMatch()
 
-
-def _held_by_engine(match: PrefixMatch | None) -> int:
-    """Chunks of the match the engine holds itself, a shared store's run left out (it loads
-    those, and holds them then: they are its to announce)."""
-    return match.own_chunks if match is not None else 0
