@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine_adapter.launch.process import answers_ok, log_tail, spawn_logged, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +88,7 @@ class LocalKVStore:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self.process = subprocess.Popen(
-                self.spec.command(), env=self.spec.environment(), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            log.close()
+        self.process = spawn_logged(self.spec.command(), self.spec.environment(), self.log_path)
         logger.info("started KV store %s (pid %s) on %s:%d", self.spec.name, self.process.pid, self.spec.host,
                     self.spec.port)  # fmt: skip
 
@@ -106,11 +97,7 @@ class LocalKVStore:
         return self.process is not None and self.process.poll() is None
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.spec.health_url, timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_ok(self.spec.health_url)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -122,28 +109,11 @@ class LocalKVStore:
             time.sleep(0.25)
 
     def log_tail(self, num_lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, num_lines)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM the store's process group, SIGKILL what is left after `timeout_s`."""
         if self.process is None:
             return
         proc, self.process = self.process, None
-        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Its children (worker processes) may outlive the server.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        stop_group(proc, timeout_s, f"KV store {self.spec.name}")

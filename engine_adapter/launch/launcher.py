@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine_adapter.launch.kv_store import NO_TELEMETRY_ENV, KVStoreSpec, LocalKVStore, connector_config
+from engine_adapter.launch.process import answers_ok, log_tail, signal_group, spawn_logged, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -139,20 +138,8 @@ class LocalEngine:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self.process = subprocess.Popen(
-                self.spec.command(),
-                env=self.spec.environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=self._confine if self.spec.confine_to_cores else None,  # noqa: PLW1509
-            )
-        finally:
-            log.close()
+        self.process = spawn_logged(self.spec.command(), self.spec.environment(), self.log_path,
+                                    self._confine if self.spec.confine_to_cores else None)  # fmt: skip
         logger.info("started engine %s (pid %s) on %s", self.spec.name, self.process.pid, self.spec.url)
 
     def _confine(self) -> None:
@@ -165,40 +152,22 @@ class LocalEngine:
         return self.process is not None and self.process.poll() is None
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.spec.url}/health", timeout=2) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_ok(f"{self.spec.url}/health")
 
     def log_tail(self, num_lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, num_lines)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the engine's process group, then SIGKILL what is left after `timeout_s`."""
         if self.process is None:
             return
         proc, self.process = self.process, None
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        # Children (EngineCore, workers) may outlive the API server: the group goes too.
-        _signal_group(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            logger.error("engine %s (pid %s) did not exit", self.spec.name, proc.pid)
+        stop_group(proc, timeout_s, f"engine {self.spec.name}")
 
     def kill(self) -> None:
         """Simulate a crash: SIGKILL the whole group at once."""
         if self.process is not None:
-            _signal_group(self.process.pid, signal.SIGKILL)
+            signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
 
@@ -214,11 +183,6 @@ def parse_cpu_list(text: str) -> set[int]:
     return cores
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def wait_ready(engines: Sequence[LocalEngine], timeout_s: float) -> None:
@@ -274,7 +238,7 @@ class EngineFleet:
     def stop(self) -> None:
         for engine in self.engines:
             if engine.process is not None and engine.process.poll() is None:
-                _signal_group(engine.process.pid, signal.SIGTERM)
+                signal_group(engine.process.pid, signal.SIGTERM)
         for engine in self.engines:
             engine.stop()
         if self.kv_store is not None:
