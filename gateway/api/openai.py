@@ -121,14 +121,17 @@ async def until_client_leaves(request: Request, dispatching: Coroutine[Any, Any,
     if work.done():
         return work.result()
     work.cancel()
+    late: T | None = None
     with contextlib.suppress(asyncio.CancelledError, GatewayError):
         late = await work
-        if isinstance(late, PassthroughResponse):
-            # The work finished in spite of the cancel: an engine's response nobody will send.
-            # Closed here, or the engine would go on for nobody and the ledger count it forever.
-            await late.discard()
-    metrics: GatewayMetrics = request.app.state.metrics
-    metrics.client_disconnects.labels(request.url.path).inc()
+    if isinstance(late, PassthroughResponse):
+        # The work finished in spite of the cancel: an engine's response nobody will send.
+        # Closed here, or the engine would go on for nobody and the ledger count it forever
+        # (it ends as a client disconnect, counted there).
+        await late.discard()
+    else:
+        metrics: GatewayMetrics = request.app.state.metrics
+        metrics.client_disconnects.labels(request.url.path).inc()
     logger.info("client left before the response began (%s %s)", request.method, request.url.path)
     return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 

@@ -84,9 +84,12 @@ def test_a_response_made_as_the_client_left_is_closed_and_released() -> None:
             pass  # what a dependency swallowing a cancel looks like from here
         return PassthroughResponse(upstream, {}, lambda: None, finish)
 
-    answer = asyncio.run(until_client_leaves(_Request(), dispatch_ignoring_the_cancel()))  # type: ignore[arg-type]
+    request = _Request()
+    answer = asyncio.run(until_client_leaves(request, dispatch_ignoring_the_cancel()))  # type: ignore[arg-type]
     assert answer.status_code == 499
     assert upstream.closed and outcomes == ["client_disconnected"]
+    # Counted once, by the response's own end (`finish` here), not again for the early leave.
+    assert request.app.state.metrics.client_disconnects.labels("/v1/completions")._value.get() == 0
     assert engine.in_flight == 0
 
 
