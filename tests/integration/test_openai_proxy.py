@@ -179,22 +179,23 @@ def test_abandoned_stream_is_aborted_on_the_engine(
     gateway: GatewayServer, engine_configs: list[dict[str, Any]], engine_fleet: EngineFleet
 ) -> None:
     """The client leaves mid-stream: the engine must stop generating. The engine's core is
-    stopped (SIGSTOP) while the client leaves, once the engine reports the request still
-    running: a client starved of CPU reads far behind the tiny model, which had generated all
-    8,000 tokens before the 20th event was read when this was judged on a running engine (seen
-    with a CPU hog). Stopped, it holds the request; resumed, it reads the abort first."""
+    stopped (SIGSTOP) at the client's first event, and the client leaves once the engine
+    reports the request still running: a client starved of CPU reads far behind the tiny
+    model, which had generated all 8,000 tokens before the 20th event was read, three tries in
+    a row (seen with a CPU hog). Stopped, the engine holds the request; resumed, it reads the
+    abort first."""
     urls = generative_urls(engine_configs)
-    for _ in range(3):
+    for _ in range(5):
         before = settled(urls)
         received = 0
         with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as resp:
             engine = resp.headers["x-gateway-engine"]
             url = next(e["url"] for e in engine_configs if e["name"] == engine)
+            core = engine_core(engine_fleet, engine)
             for chunk in resp.iter_raw():
                 received += chunk.count(b"data: ")
-                if received >= 20:  # generating, for sure: now leave mid-stream
+                if received >= 1:  # the engine is generating: it is mid-stream from here
                     break
-            core = engine_core(engine_fleet, engine)
             with stopped([core.pid]):
                 if engine_running(url) < 1:
                     continue  # the engine had finished (or says so): this attempt proves nothing
@@ -204,7 +205,7 @@ def test_abandoned_stream_is_aborted_on_the_engine(
                 while gateway.metric("gateway_engine_in_flight") > 0:
                     assert time.monotonic() < deadline, "the gateway kept its engine request open"
                     time.sleep(0.05)
-        assert received >= 20
+        assert received >= 1
         assert_aborted_on_an_engine(before, settled(urls))
         assert gateway.metric("gateway_client_disconnects_total") >= 1
         return

@@ -13,7 +13,7 @@ import pytest
 
 from engine_adapter.launch.launcher import EngineFleet
 from tests.conftest import MODEL_NAME
-from tests.harness import GatewayServer, gateway_config
+from tests.harness import GatewayServer, engine_core, gateway_config, stopped
 
 pytestmark = pytest.mark.integration
 
@@ -56,74 +56,82 @@ def gateway_sees_load(gateway: GatewayServer, engine: str) -> float:
     return (mine["num_requests_running"] or 0) + (mine["num_requests_waiting"] or 0)
 
 
-def observe_least_loaded(engine_configs: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """Load one engine directly (another client), route through the gateway, and return the
-    engines chosen while that engine was busy before and after each decision."""
+def observe_least_loaded(engine_configs: list[dict[str, Any]], fleet: EngineFleet) -> tuple[list[str], list[str]]:
+    """Load one engine directly (another client), hold that load (its engine core stopped
+    once the engine reports it), route through the gateway, and return the engines chosen."""
     busy = engine_configs[0]
     # Prefill work, not decoding: while CPU vLLM decodes several requests its /metrics can take
-    # seconds to answer, so neither this test nor the gateway would see that load. Sixteen
-    # uncached 6,000-token prompts keep the engine busy for about ten seconds, one prefill at a
-    # time (its KV cache holds one), the others waiting.
+    # seconds to answer. Sixteen uncached 6,000-token prompts: one prefill at a time (its KV
+    # cache holds one), the others waiting. A starved machine once finished them all before a
+    # gateway had started and scraped the engine, hence the stopped core: the engine's API
+    # server still answers /metrics with the load, and the load stays until the core resumes.
     rng = random.Random(time.monotonic_ns())
     outcomes: list[str] = []
 
     def load_directly(prompt: list[int]) -> None:
         body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1}
         try:
-            resp = httpx.post(f"{busy['url']}/v1/completions", json=body, timeout=120)
+            resp = httpx.post(f"{busy['url']}/v1/completions", json=body, timeout=180)
             outcomes.append(str(resp.status_code))
         except httpx.HTTPError as exc:
             outcomes.append(type(exc).__name__)
 
-    prompts = [[rng.randint(10, 4000) for _ in range(6000)] for _ in range(16)]
-    holders = [threading.Thread(target=load_directly, args=(p,)) for p in prompts]
-    for holder in holders:
-        holder.start()
     config = gateway_config(
         engine_configs, routing={"policy": "least_loaded"}, health={"interval_s": 0.5}, server={"admin_token": "admin"}
     )
     chosen: list[str] = []
-    try:
-        deadline = time.monotonic() + 30
-        while engine_load(busy["url"]) < 3:
-            if time.monotonic() > deadline:
-                outcomes.append("the engine never showed the load")
-                return chosen, outcomes  # inconclusive: the caller repeats the attempt
-            time.sleep(0.2)
-        with GatewayServer(config) as gateway:
-            while gateway_sees_load(gateway, busy["name"]) < 1:  # its health rounds scrape /metrics
-                if engine_load(busy["url"]) < 1:
-                    outcomes.append("the load was gone before the gateway saw it")
-                    return chosen, outcomes
-                time.sleep(0.1)
-            for _ in range(6):
-                if engine_load(busy["url"]) < 1:
-                    break
-                engine = routed_engine(gateway.url)
-                if engine_load(busy["url"]) >= 1:
-                    chosen.append(engine)
-    finally:
+    prompts = [[rng.randint(10, 4000) for _ in range(6000)] for _ in range(16)]
+    holders = [threading.Thread(target=load_directly, args=(p,)) for p in prompts]
+    with GatewayServer(config) as gateway:
         for holder in holders:
-            holder.join(120)
+            holder.start()
+        try:
+            deadline = time.monotonic() + 60
+            while engine_load(busy["url"]) < 3:
+                if time.monotonic() > deadline:
+                    outcomes.append("the engine never showed the load")
+                    return chosen, outcomes  # inconclusive: the caller repeats the attempt
+                time.sleep(0.1)
+            with stopped([engine_core(fleet, busy["name"]).pid]):
+                if engine_load(busy["url"]) < 3:
+                    outcomes.append("the load was gone before the core stopped")
+                    return chosen, outcomes
+                deadline = time.monotonic() + 60
+                while gateway_sees_load(gateway, busy["name"]) < 3:  # its health rounds scrape /metrics
+                    assert time.monotonic() < deadline, "the gateway never saw the engine's load"
+                    time.sleep(0.1)
+                for _ in range(3):
+                    # The busy engine stays a candidate: avoiding it must be least_loaded's doing.
+                    assert engine_available(gateway, busy["name"]), "the busy engine left rotation"
+                    try:
+                        chosen.append(routed_engine(gateway.url))
+                    except httpx.TimeoutException:  # sent to the stopped engine: it cannot answer
+                        chosen.append(busy["name"])
+        finally:
+            for holder in holders:
+                if holder.is_alive() or holder.ident is not None:
+                    holder.join(180)
     return chosen, outcomes
 
 
-def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]]) -> None:
+def engine_available(gateway: GatewayServer, engine: str) -> bool:
+    state = httpx.get(f"{gateway.url}/admin/engines", headers={"authorization": "Bearer admin"}, timeout=30).json()
+    return bool(next(e for e in state["engines"] if e["id"] == engine)["available"])
+
+
+def test_least_loaded_avoids_the_busy_engine(engine_configs: list[dict[str, Any]], engine_fleet: EngineFleet) -> None:
     """Another client loads one engine; the gateway sees it in the engine's metrics and sends
-    its requests to the other one. Every decision made while the engine was busy counts; on a
-    starved machine one attempt may see the load for a single decision or none (seen with a
-    CPU hog: 0-2 per attempt), so attempts go on until three decisions were observed."""
+    its requests to the other one, three decisions in all."""
     idle = engine_configs[1]["name"]
     attempts = []
-    for _ in range(6):
+    for _ in range(3):
         wait_for_idle_engines(engine_configs)
-        chosen, outcomes = observe_least_loaded(engine_configs)
-        # Every decision made while the engine was busy must avoid it.
+        chosen, outcomes = observe_least_loaded(engine_configs, engine_fleet)
         assert set(chosen) <= {idle}, (chosen, outcomes)
         attempts.append((chosen, outcomes))
-        if sum(len(c) for c, _ in attempts) >= 3:
+        if chosen:
             return
-    pytest.fail(f"the loaded engine never stayed busy long enough to observe: {attempts}")
+    pytest.fail(f"the loaded engine never showed its load: {attempts}")
 
 
 def test_session_affinity_is_sticky_and_spreads(engine_configs: list[dict[str, Any]]) -> None:
