@@ -47,3 +47,22 @@ def test_adding_is_refused_for_a_taken_name_a_bad_body_or_no_token(fleet: Fleet,
         assert client.post("/admin/engines", content=b"not json", headers=AUTH).status_code == 400
         assert client.post("/admin/engines", json=engine("c")).status_code == 401
         assert len(client.get("/admin/engines", headers=AUTH).json()["engines"]) == 1
+
+
+def test_a_joining_engine_is_planned_a_warm_up_from_the_prompts_routed_lately(fleet: Fleet, tmp_path: Path) -> None:
+    # The prompt's only holder publishes no KV events (its entries are guesses): nothing to
+    # pull, but the prompt was remembered and the join planned with it.
+    path = tmp_path / "gateway.yaml"
+    write(path, [engine("a", kv_transfer=True)], routing={"policy": "kv_aware"}, kv_transfer={"min_prefix_tokens": 32})
+    with gateway(fleet, path) as client:
+        prompt = " ".join(f"word{i}" for i in range(200))
+        # Twice: a first request of a prompt no engine holds is tokenized by its head only
+        # (gateway.tokenization.head), no prefix to move.
+        for _ in range(2):
+            resp = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 1})
+            assert resp.status_code == 200
+        added = client.post("/admin/engines", json=engine("b", kv_transfer=True), headers=AUTH)
+        assert added.status_code == 200, added.text
+        assert added.json()["warm_up"]["prefixes_pulled"] == 0 and added.json()["available"]
+        metrics = client.get("/metrics").text
+        assert 'gateway_elastic_prefixes_total{event="join",outcome="unheld"} 1.0' in metrics
