@@ -127,5 +127,6 @@ def _outcome(outcome: Outcome | None) -> dict[str, Any] | None:
     if outcome is None:
         return None
     return {"prefixes_pulled": outcome.num_pulled, "prefixes_failed": outcome.num_failed,
-            "prefixes_over_budget": outcome.num_timed_out, "tokens_moved": outcome.moved_tokens,
-            "duration_s": round(outcome.duration_s, 3)}  # fmt: skip
+            "prefixes_over_budget": outcome.num_over_budget, "prefixes_in_store": outcome.num_in_store,
+            "prefixes_held": outcome.num_held, "prefixes_unheld": outcome.num_unheld,
+            "tokens_moved": outcome.moved_tokens, "duration_s": round(outcome.duration_s, 3)}  # fmt: skip

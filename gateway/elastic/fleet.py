@@ -70,6 +70,6 @@ class ElasticFleet:
             "%s of %s: %d hot prefixes pulled (%d tokens, %.0f ms), %d failed, %d over budget, %d from the "
             "shared store, %d held already, %d held by no engine that can give KV",
             event, endpoint.id, outcome.num_pulled, outcome.moved_tokens, outcome.duration_s * 1000, outcome.num_failed,
-            outcome.num_timed_out + plan.num_over_budget, plan.num_in_store, plan.num_held, plan.num_unheld,
+            outcome.num_over_budget, outcome.num_in_store, outcome.num_held, outcome.num_unheld,
         )  # fmt: skip
         return outcome

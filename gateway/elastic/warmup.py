@@ -167,9 +167,13 @@ def plan_drain(
 class Outcome:
     num_pulled: int
     num_failed: int
-    num_timed_out: int  # not tried: the budget's seconds ran out
+    num_over_budget: int  # left out by the plan's budget, or not tried: its seconds ran out
     moved_tokens: int
     duration_s: float
+    # From the plan: nothing to move for these.
+    num_in_store: int = 0
+    num_held: int = 0
+    num_unheld: int = 0
 
 
 class Warmer:
@@ -219,8 +223,9 @@ class Warmer:
             moved += pull.moved_tokens
             m.kv_transfer_tokens.labels(source.id, target.id).inc(pull.moved_tokens)
             on_pulled(pull)
-        outcome = Outcome(pulled, failed, timed_out, moved, time.monotonic() - started)
-        for name, count in (("pulled", pulled), ("failed", failed), ("over_budget", timed_out + plan.num_over_budget),
+        outcome = Outcome(pulled, failed, timed_out + plan.num_over_budget, moved, time.monotonic() - started,
+                          plan.num_in_store, plan.num_held, plan.num_unheld)  # fmt: skip
+        for name, count in (("pulled", pulled), ("failed", failed), ("over_budget", outcome.num_over_budget),
                             ("in_store", plan.num_in_store), ("held", plan.num_held), ("unheld", plan.num_unheld)):  # fmt: skip
             if count:
                 m.elastic_prefixes.labels(event, name).inc(count)

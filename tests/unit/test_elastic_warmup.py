@@ -196,7 +196,7 @@ def test_the_warmer_stops_at_its_time_budget() -> None:
     index.hold("a", [20, 21])
     plan = join(new, prefixes([10, 11], [20, 21]), index, [a, new])
     outcome, done, _ = run(plan, FakeTransfer(delay_s=0.05), [a, new], max_s=0.01)
-    assert (outcome.num_pulled, outcome.num_timed_out) == (1, 1)
+    assert (outcome.num_pulled, outcome.num_over_budget) == (1, 1)
 
 
 def test_a_pull_stands_in_the_index_as_speculative_until_the_engine_confirms() -> None:
