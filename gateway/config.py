@@ -293,6 +293,26 @@ class KVTransferConfig(_Strict):
     timeout_s: float = Field(default=5.0, gt=0)
 
 
+class ElasticConfig(_Strict):
+    """Engines joining and leaving (gateway.elastic): a joining engine is warmed with the
+    fleet's hottest recent prefixes before it takes traffic; a drained one first hands the
+    hot prefixes only it holds to a peer. Both move KV over NIXL (engines with
+    `kv_transfer: true`) and use the prefix index (a prefix-aware policy)."""
+
+    warm_on_join: bool = True
+    handoff_on_drain: bool = True
+    # The prompts remembered with their token ids (the hottest are moved), and per prompt the
+    # leading tokens kept (a longer prompt is remembered by its head).
+    max_tracked_prefixes: int = Field(default=1024, ge=1)
+    max_prefix_tokens: int = Field(default=16384, ge=1)
+    # A prompt's use count halves every `hot_half_life_s` seconds: "hot" means used lately.
+    hot_half_life_s: float = Field(default=120.0, gt=0)
+    # The budget of one join or drain: prefixes moved, tokens moved, seconds spent.
+    max_prefixes: int = Field(default=32, ge=0)
+    max_tokens: int = Field(default=262144, ge=0)
+    max_s: float = Field(default=30.0, gt=0)
+
+
 class ProxyConfig(_Strict):
     connect_timeout_s: float = Field(default=3.0, gt=0)
     # Longest silence allowed between two bytes from the engine (time to first byte included).
@@ -352,6 +372,7 @@ class GatewayConfig(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)
     kv_index: KVIndexConfig = Field(default_factory=KVIndexConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    elastic: ElasticConfig = Field(default_factory=ElasticConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)

@@ -123,6 +123,17 @@ class GatewayMetrics:
             "alternative), transfer_estimated (the plan), observed (transfer start to first byte).",
             ["kind"], registry=r,
         )  # fmt: skip
+        # Elastic fleet (gateway.elastic): prefixes a join warmed or a drain handed over, by
+        # outcome: pulled, failed, over_budget, in_store (the engine loads it from its store),
+        # held (nothing to move), unheld (no engine that can give KV holds enough of it).
+        self.elastic_prefixes = Counter(
+            "gateway_elastic_prefixes", "Hot prefixes considered when an engine joined or was drained, by outcome.",
+            ["event", "outcome"], registry=r,
+        )  # fmt: skip
+        self.elastic_duration = Histogram(
+            "gateway_elastic_duration_seconds", "Time a join's warm-up or a drain's hand-off took.", ["event"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         # Prefill/decode disaggregation (gateway.proxy.disaggregation). Outcomes: complete,
         # client_disconnected, upstream_failed, upstream_stalled (the decode engine's response, as
         # for any response), cancelled (the client left during the prefill), prefill_failed

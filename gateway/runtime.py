@@ -13,7 +13,11 @@ configuration built (gateway.generation).
 3. swap, in one step with no await: requests that arrive from then on use the new
    generation; those under way finish with the one they started with;
 4. follow up, off the request path: stop following removed engines' KV events and drop their
-   index entries (in time proportional to their own entries), follow new engines.
+   index entries (in time proportional to their own entries), follow new engines, and warm
+   those that join (gateway.elastic) before they enter rotation.
+
+`add_engine` (the admin API) is a reconfiguration that adds one engine to the running
+configuration. Reconfigurations run one at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from engine_adapter.transfer.nixl import NixlPullTransfer
 from gateway.api.auth import APIKeys
 from gateway.config import ConfigError, EngineConfig, GatewayConfig
 from gateway.config_diff import ConfigChange, diff_configs
+from gateway.elastic.fleet import ElasticFleet
+from gateway.elastic.hot_prefixes import HotPrefixes
+from gateway.elastic.warmup import Outcome
 from gateway.endpoints.health import HealthChecker
 from gateway.endpoints.outlier import OutlierDetector
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
@@ -82,6 +89,12 @@ class GatewayRuntime:
         self.metrics = GatewayMetrics()
         self.layout = KVLayout(kv.block_size)
         self.working_sets = WorkingSetTracker(window_s=kv.working_set_window_s)
+        el = config.elastic
+        self.hot_prefixes = HotPrefixes(max_prefixes=el.max_tracked_prefixes, max_tokens=el.max_prefix_tokens,
+                                        half_life_s=el.hot_half_life_s)  # fmt: skip
+        # What the last warm-up of each joining engine did (the admin API reports it).
+        self.warmed: dict[EngineId, Outcome] = {}
+        self._reconfiguring = asyncio.Lock()
         self.cost_model = CostModel()
         self.transfer_model = TransferCostModel()
         self.store_model = StoreLoadModel()
@@ -127,6 +140,7 @@ class GatewayRuntime:
         config, registry, plan = self._config, self._registry, self._plan
         self.upstream: UpstreamClient = build_client(config.proxy, self._transport)
         self.control = httpx.AsyncClient(transport=self._transport)
+        self.elastic = ElasticFleet(self.hot_prefixes, NixlPullTransfer(self.control), self.metrics)
         # One detector for the runtime: ejections live on the engines, which outlive configurations.
         self.outlier = OutlierDetector(registry, config.outlier_detection, self.metrics, probe=self._probe)
         self.checker = HealthChecker(registry, self.control, config.health, self._on_health_change, self._on_restart,
@@ -171,6 +185,23 @@ class GatewayRuntime:
     async def reconfigure(self, config: GatewayConfig) -> ConfigChange:
         """Run `config` from now on (see the module's docstring). Raises ConfigError, with
         nothing changed, when it cannot run."""
+        async with self._reconfiguring:
+            return await self._reconfigure(config)
+
+    async def add_engine(self, engine: EngineConfig) -> Endpoint:
+        """Add `engine` to the running configuration (the admin API); returns it once it is
+        checked and warmed. Raises ConfigError when its name is taken or it cannot run."""
+        async with self._reconfiguring:
+            running = self.generation.config
+            if any(e.name == engine.name for e in running.engines):
+                raise ConfigError(f"an engine named `{engine.name}` is configured already")
+            await self._reconfigure(running.model_copy(update={"engines": [*running.engines, engine]}))
+        endpoint = self.registry.get(engine.name)
+        if endpoint is None:
+            raise ConfigError(f"engine `{engine.name}` was not added")
+        return endpoint
+
+    async def _reconfigure(self, config: GatewayConfig) -> ConfigChange:
         running = self.generation
         change = diff_configs(running.config, config)
         for field in change.needs_restart:
@@ -195,6 +226,12 @@ class GatewayRuntime:
                 self.tokenizers.reconfigure(_tokenizer_settings(config), registry)
                 await self.tokenizers.check_all(timeout_s=TOKENIZER_CHECK_TIMEOUT_S)
         generation = self._build(config, plan, registry)
+        # A joining engine that the fleet's hot prefixes will warm stays out of rotation until then.
+        for endpoint in joining:
+            endpoint.warming = endpoint.healthy and self.elastic.would_warm(endpoint, generation)
+        el = config.elastic
+        self.hot_prefixes.configure(max_prefixes=el.max_tracked_prefixes, max_tokens=el.max_prefix_tokens,
+                                    half_life_s=el.hot_half_life_s)  # fmt: skip
         # -- the swap: no await until every reference points at the new generation.
         events_changed = [kept[EngineId(new.name)] for old, new in engines.updated
                           if kept[EngineId(new.name)].reconfigure(old, new)]  # fmt: skip
@@ -211,7 +248,23 @@ class GatewayRuntime:
             await self._follow_up(change, joining, events_changed)
         except Exception:  # the new configuration runs; what did not follow is logged
             logger.exception("configuration reload: applied, but a follow-up step failed")
+        finally:
+            for endpoint in joining:
+                if endpoint.warming:
+                    await self._warm(endpoint)
         return change
+
+    async def _warm(self, endpoint: Endpoint) -> None:
+        """Pull the hot prefixes into a joining engine (its KV events followed already, so the
+        index learns what it took), then put it in rotation, whatever happened."""
+        try:
+            outcome = await self.elastic.warm(endpoint, self.generation)
+            if outcome is not None:
+                self.warmed[endpoint.id] = outcome
+        except Exception:  # warming is an optimisation: the engine joins cold
+            logger.exception("warming engine %s failed; it joins cold", endpoint.id)
+        finally:
+            endpoint.warming = False
 
     async def _follow_up(self, change: ConfigChange, joining: list[Endpoint], events_changed: list[Endpoint]) -> None:
         engines = change.engines
@@ -287,7 +340,7 @@ class GatewayRuntime:
                 self.index, self.tokenizers, registry, self.working_sets, self.layout,
                 speculative_ttl_s=kv.speculative_ttl_s, approximate_ttl_s=kv.approximate_ttl_s,
                 on_tokenize_failure=lambda model: metrics.tokenization_failures.labels(model).inc(),
-                store_writes=self.ingestor.store_writes,
+                store_writes=self.ingestor.store_writes, hot=self.hot_prefixes,
             )  # fmt: skip
         transfers = None
         if plan.plans_transfers and prefix is not None:

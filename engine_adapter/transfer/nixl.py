@@ -132,7 +132,10 @@ class NixlPullTransfer:
 
     async def _post(self, engine: EngineAddress, body: dict[str, Any], stage: str, request_id: str) -> dict[str, Any]:
         try:
-            resp = await self._client.post(f"{engine.url}/v1/completions", json=body, headers=engine.headers(request_id))
+            # No per-request timeout of the client's: `transfer`'s deadline bounds both steps
+            # (a client's default 5 s would cut a warm-up's longer budget, gateway.elastic).
+            resp = await self._client.post(f"{engine.url}/v1/completions", json=body, headers=engine.headers(request_id),
+                                           timeout=None)  # fmt: skip
         except httpx.HTTPError as exc:
             raise KVTransferError(stage, f"{engine.url} failed: {type(exc).__name__}: {exc}") from exc
         if resp.status_code != 200:

@@ -36,6 +36,8 @@ class Endpoint:
     healthy: bool = True
     # Operator-set: takes no new requests, finishes what it has.
     draining: bool = False
+    # Joining: out of rotation until the fleet's hot prefixes are pulled into it (gateway.elastic).
+    warming: bool = False
     in_flight: int = 0
     # Our in-flight count (all workers) when `stats` was scraped: the engine's numbers include those.
     in_flight_at_scrape: int = 0
@@ -120,7 +122,7 @@ class Endpoint:
 
     def available(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        return self.healthy and now >= self.ejected_until and not self.is_draining
+        return self.healthy and now >= self.ejected_until and not self.is_draining and not self.warming
 
     @property
     def capacity_blocks(self) -> int | None:

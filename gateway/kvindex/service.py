@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from gateway.elastic.hot_prefixes import HotPrefixes
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.kvindex.base import (
     TIER_APPROXIMATE,
@@ -48,6 +49,7 @@ class PrefixService:
         approximate_ttl_s: float,
         on_tokenize_failure: Callable[[str], None] | None = None,
         store_writes: StoreWrites | None = None,
+        hot: HotPrefixes | None = None,
     ) -> None:
         self.index = index
         self._tokenizers = tokenizers
@@ -59,6 +61,8 @@ class PrefixService:
         self._on_tokenize_failure = on_tokenize_failure
         # When shared stores' chunks were announced (the ingestor's): see learn_store_miss.
         self._store_writes = store_writes or StoreWrites(0)
+        # The prompts routed lately, with their token ids (gateway.elastic).
+        self._hot = hot
         self._failure_logged_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -142,6 +146,8 @@ class PrefixService:
         else:
             self.index.add(endpoint.id, request.chunk_keys, TIER_APPROXIMATE, ttl_s=self._approximate_ttl_s)
         self.working_sets.touch(endpoint.id, request.chunk_keys)
+        if self._hot is not None and not request.num_prompt_tokens_estimated:
+            self._hot.note(request.model, request.token_ids, request.chunk_keys, self.block_size)
 
     def record_transferred(self, request: RoutingRequest, endpoint: Endpoint, prefix_tokens: int) -> None:
         """`endpoint` now holds the request's first `prefix_tokens` (a KV transfer): a

@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from gateway.config import (
+    ElasticConfig,
     EngineConfig,
     GatewayConfig,
     HealthConfig,
@@ -26,7 +27,7 @@ from gateway.config import (
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
 SECTIONS: dict[str, type[BaseModel]] = {
     "server": ServerConfig, "limits": LimitsConfig, "engines": EngineConfig, "local_engines": LocalEnginesConfig, "models": ModelConfig,
-    "kv_index": KVIndexConfig, "kv_transfer": KVTransferConfig, "routing": RoutingConfig, "proxy": ProxyConfig,
+    "kv_index": KVIndexConfig, "kv_transfer": KVTransferConfig, "elastic": ElasticConfig, "routing": RoutingConfig, "proxy": ProxyConfig,
     "health": HealthConfig, "outlier_detection": OutlierDetectionConfig,
 }  # fmt: skip
 
