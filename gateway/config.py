@@ -303,7 +303,7 @@ class ElasticConfig(_Strict):
     handoff_on_drain: bool = True
     # The prompts remembered with their token ids (the hottest are moved), and per prompt the
     # leading tokens kept (a longer prompt is remembered by its head).
-    max_tracked_prefixes: int = Field(default=1024, ge=1)
+    max_tracked_prefixes: int = Field(default=256, ge=1)
     max_prefix_tokens: int = Field(default=16384, ge=1)
     # A prompt's use count halves every `hot_half_life_s` seconds: "hot" means used lately.
     hot_half_life_s: float = Field(default=120.0, gt=0)
