@@ -213,27 +213,37 @@ def test_abandoned_stream_is_aborted_on_the_engine(
 
 
 def test_a_client_leaving_before_the_first_byte_aborts_the_engines_work(
-    gateway: GatewayServer, engine_configs: list[dict[str, Any]]
+    gateway: GatewayServer, engine_configs: list[dict[str, Any]], engine_fleet: EngineFleet
 ) -> None:
     """A non-streamed request gets no byte until the engine is done: the gateway must notice the
-    client leaving while it waits, and not have 4,000 tokens generated for nobody."""
+    client leaving while it waits, and not have 8,000 tokens generated for nobody. The engine
+    cores are stopped while the client sends and leaves, so the request waits on an engine for
+    as long as the test needs to see it there: running, the tiny model once generated all
+    8,000 tokens between two of the test's scrapes of the gateway (each can take seconds on a
+    starved machine), and the request was never seen in flight."""
     urls = generative_urls(engine_configs)
     before_tokens = settled(urls)
     before = gateway.metric("gateway_client_disconnects_total")
     body = json.dumps(LONG).encode()
     port = int(gateway.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
-        # Leave once the gateway has sent it to an engine (its own count, answered at once).
-        # Generous: each scrape may take seconds on a starved machine (see harness.metric).
+    cores = [engine_core(engine_fleet, e["name"]).pid for e in engine_configs if e["name"].startswith("engine-")]
+    with stopped(cores):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            # Leave once the gateway has sent it to an engine (its own count, answered at once).
+            deadline = time.monotonic() + 60
+            while gateway.metric("gateway_engine_in_flight") < 1:
+                assert time.monotonic() < deadline, (
+                    f"the request never reached an engine; in flight per engine: {in_flight_per_engine(gateway)}, "
+                    f"answered: {unread(sock)[:300]!r}"
+                )
+                time.sleep(0.02)
+        # The client is gone: the gateway lets go of its engine request (the engine aborts it).
         deadline = time.monotonic() + 60
-        while gateway.metric("gateway_engine_in_flight") < 1:
-            assert time.monotonic() < deadline, (
-                f"the request never reached an engine; in flight per engine: {in_flight_per_engine(gateway)}, "
-                f"answered: {unread(sock)[:300]!r}"
-            )
-            time.sleep(0.02)
+        while gateway.metric("gateway_engine_in_flight") > 0:
+            assert time.monotonic() < deadline, f"the gateway kept its engine request: {in_flight_per_engine(gateway)}"
+            time.sleep(0.05)
     assert_aborted_on_an_engine(before_tokens, settled(urls))
     deadline = time.monotonic() + 5
     while gateway.metric("gateway_client_disconnects_total") <= before:
