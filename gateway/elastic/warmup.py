@@ -51,6 +51,19 @@ class Plan:
     num_unheld: int = 0  # no peer that can give KV holds enough of them
     num_over_budget: int = 0
 
+    def admit(self, pull: Pull, min_prefix_tokens: int, config: ElasticConfig) -> bool:
+        """Add `pull` unless it moves too little to be worth a transfer or exceeds the
+        budget (`config.max_prefixes`, `config.max_tokens` over the plan); counts why not."""
+        if pull.moved_tokens < min_prefix_tokens:
+            self.num_unheld += 1
+            return False
+        moved = sum(p.moved_tokens for p in self.pulls)
+        if len(self.pulls) >= config.max_prefixes or moved + pull.moved_tokens > config.max_tokens:
+            self.num_over_budget += 1
+            return False
+        self.pulls.append(pull)
+        return True
+
 
 def own_chunks(match: PrefixMatch | None) -> int:
     """Leading chunks the engine holds in its own cache, as its events announced them."""
@@ -78,7 +91,7 @@ def plan_join(
 ) -> Plan:
     """Pulls that give `target` the hot prompts (hottest first) of the models it serves.
     `sources(model)`: the engines that can give KV for the model."""
-    plan, budget_tokens = Plan(), config.max_tokens
+    plan = Plan()
     planned: set[RequestChunkKey] = set()  # chunks earlier pulls give the target
     for prefix in hot:
         if prefix.model not in target.models:
@@ -100,15 +113,8 @@ def plan_join(
                 plan.num_unheld += 1
             continue
         pull = Pull(prefix, best[1], target.id, best[0] * block_size, (best[0] - held) * block_size)
-        if pull.moved_tokens < min_prefix_tokens:
-            plan.num_unheld += 1
-            continue
-        if len(plan.pulls) >= config.max_prefixes or pull.moved_tokens > budget_tokens:
-            plan.num_over_budget += 1
-            continue
-        budget_tokens -= pull.moved_tokens
-        planned.update(prefix.chunk_keys[: best[0]])
-        plan.pulls.append(pull)
+        if plan.admit(pull, min_prefix_tokens, config):
+            planned.update(prefix.chunk_keys[: best[0]])
     return plan
 
 
@@ -124,7 +130,7 @@ def plan_drain(
 ) -> Plan:
     """Pulls that move the hot prompts only `drained` holds to a peer. `peers(model)`: the
     engines in rotation for the model that can take KV (the drained one left out)."""
-    plan, budget_tokens = Plan(), config.max_tokens
+    plan = Plan()
     planned: dict[EngineId, set[RequestChunkKey]] = {}
     # The tokens each peer takes in this plan, as load: the prompts spread over the peers.
     taken: dict[EngineId, int] = {}
@@ -150,16 +156,9 @@ def plan_drain(
         peer = min(candidates, key=lambda p: (-held_by(p), p.load, taken.get(p.id, 0), p.id))
         held = held_by(peer)
         pull = Pull(prefix, drained.id, peer.id, have * block_size, (have - held) * block_size)
-        if pull.moved_tokens < min_prefix_tokens:
-            plan.num_unheld += 1
-            continue
-        if len(plan.pulls) >= config.max_prefixes or pull.moved_tokens > budget_tokens:
-            plan.num_over_budget += 1
-            continue
-        budget_tokens -= pull.moved_tokens
-        taken[peer.id] = taken.get(peer.id, 0) + pull.moved_tokens
-        planned.setdefault(peer.id, set()).update(prefix.chunk_keys[:have])
-        plan.pulls.append(pull)
+        if plan.admit(pull, min_prefix_tokens, config):
+            taken[peer.id] = taken.get(peer.id, 0) + pull.moved_tokens
+            planned.setdefault(peer.id, set()).update(prefix.chunk_keys[:have])
     return plan
 
 
