@@ -20,35 +20,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from bench.common import LOG_DIR, ROOT, free_port, gateway_process, markdown_table, median, percentile, write_report
+from bench.common import LOG_DIR, gateway_process, markdown_table, median, percentile, write_report
+from bench.elastic_common import ADMIN, Sample, engine_entry, gateway_config, nixl_engine_specs, question, replay, words
 
-MODEL = "tiny-llama"
-BLOCK = 32
 FIRST_MINUTE_S = 60.0
-ADMIN = {"authorization": "Bearer bench-admin"}
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    sent_at: float
-    ttft_s: float
-    engine: str
-    prompt_tokens: int
-    cached_tokens: int
-
-
-def words(rng: random.Random, n: int) -> str:
-    syllables = ["ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "vu", "ze", "bo", "di"]
-    return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(n))
 
 
 def trace(seed: int, groups: int, prefix_words: int, requests: int) -> list[str]:
@@ -56,39 +38,7 @@ def trace(seed: int, groups: int, prefix_words: int, requests: int) -> list[str]
     prefixes = [words(rng, prefix_words) for _ in range(groups)]
     # Skewed: the first groups are the hottest, as in real traffic.
     weights = [1.0 / (i + 1) for i in range(groups)]
-    return [rng.choices(prefixes, weights)[0] + " question " + words(rng, 12) for _ in range(requests)]
-
-
-async def send(client: httpx.AsyncClient, url: str, prompt: str) -> Sample:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft: float | None = None
-    usage: dict[str, Any] = {}
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event.get("choices"):
-                ttft = time.perf_counter() - start
-            usage = event.get("usage") or usage
-    details = usage.get("prompt_tokens_details") or {}
-    return Sample(start, ttft if ttft is not None else time.perf_counter() - start, resp.headers.get("x-gateway-engine", ""),
-                  int(usage.get("prompt_tokens", 0)), int(details.get("cached_tokens") or 0))  # fmt: skip
-
-
-async def replay(url: str, prompts: list[str], concurrency: int) -> list[Sample]:
-    queue = list(reversed(prompts))
-    samples: list[Sample] = []
-    async with httpx.AsyncClient(timeout=300) as client:
-
-        async def worker() -> None:
-            while queue:
-                samples.append(await send(client, url, queue.pop()))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return samples
+    return [rng.choices(prefixes, weights)[0] + question(rng) for _ in range(requests)]
 
 
 async def run_once(url: str, joining: dict[str, Any], prompts: list[str], concurrency: int) -> dict[str, Any]:
@@ -112,33 +62,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=3)
     args = parser.parse_args()
 
-    from engine_adapter.launch.launcher import EngineFleet, EngineSpec
-    from engine_adapter.launch.tiny_model import ensure_tiny_model
+    from engine_adapter.launch.launcher import EngineFleet
 
-    model_dir = ensure_tiny_model(ROOT / ".cache" / "tiny-llama")
-    specs = [
-        EngineSpec(name=f"bench-elastic-{i}", model_dir=str(model_dir), served_model_name=MODEL, port=free_port(),
-                   kv_events_port=free_port(), cpu_bind=str(i % 2), kv_transfer_port=free_port(), max_model_len=16384)  # fmt: skip
-        for i in range(2)
-    ]
-
-    def entry(i: int) -> dict[str, Any]:
-        s = specs[i]
-        return {"name": s.name, "url": s.url, "kv_events_endpoint": s.kv_events_endpoint, "kv_transfer": True}
+    specs = nixl_engine_specs(2)
 
     results: dict[str, dict[str, Any]] = {}
     print("starting 2 local CPU engines with NIXL (a minute or two)...", file=sys.stderr)
     with EngineFleet(specs, LOG_DIR):
         for seed, (label, warm) in enumerate((("cold", False), ("warmed", True)), 1):
-            config = {
-                "engines": [entry(0)], "routing": {"policy": "kv_aware"}, "kv_index": {"block_size": BLOCK},
-                "kv_transfer": {"min_prefix_tokens": 256}, "elastic": {"warm_on_join": warm, "max_s": 120},
-                "server": {"admin_token": "bench-admin"},
-            }  # fmt: skip
+            config = gateway_config(specs[:1], {"warm_on_join": warm})
             prompts = trace(seed * 1000, args.groups, args.prefix_words, args.requests)
             print(f"  {label}: replaying {len(prompts)} requests, the second engine joining halfway...", file=sys.stderr)
             with gateway_process(config) as url:
-                results[label] = asyncio.run(run_once(url, entry(1), prompts, args.concurrency))
+                results[label] = asyncio.run(run_once(url, engine_entry(specs[1]), prompts, args.concurrency))
     rows = []
     for label, r in results.items():
         new: list[Sample] = r["new"]
