@@ -8,6 +8,7 @@ this to place new prefix groups where they fit.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -44,13 +45,16 @@ class WorkingSetTracker:
             del recent[oldest_key]
         return len(recent)
 
-    def holds(self, engine: EngineId, key: RequestChunkKey) -> bool:
-        """Whether `key` is in the engine's working set (used within the window)."""
+    def num_missing(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> int:
+        """How many of `keys` are not in the engine's working set (not used within the window).
+        One clock read for all: a routing decision asks this of every candidate for every
+        chunk of the prompt."""
         recent = self._recent.get(engine)
-        if recent is None:
-            return False
-        last_used = recent.get(key)
-        return last_used is not None and last_used >= self._clock() - self._window_s
+        if not recent:
+            return len(keys)
+        horizon = self._clock() - self._window_s
+        get = recent.get
+        return sum(1 for key in keys if get(key, -math.inf) < horizon)
 
     def forget(self, engine: EngineId) -> list[RequestChunkKey]:
         """Drop the engine's working set; returns the keys it had (routed there lately)."""

@@ -100,38 +100,44 @@ class PassthroughResponse(Response):
 
     async def _forward(self, send: Send) -> Outcome:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        first = True
         idle_timeout_s = self._idle_timeout_s
+        if idle_timeout_s is None:  # a whole answer: no stall to watch for
+            return await self._forward_body(send, None)
         # Armed only while waiting for the engine: a slow client (send blocking) is no stall.
-        with anyio.CancelScope() as silence:
-            try:
-                if idle_timeout_s is not None:
-                    silence.deadline = anyio.current_time() + idle_timeout_s
-                async for chunk in self._upstream.aiter_raw():
-                    if idle_timeout_s is not None:
-                        silence.deadline = math.inf
-                    if first:
-                        first = False
-                        self._on_first_byte()
-                    if self._tap is not None:
-                        chunk = self._tap.feed(chunk)
-                    if chunk:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    # Reading buffered upstream data and writing to a socket with room both return
-                    # without suspending: a fast stream would otherwise hold the event loop and
-                    # stall every other request. Yield once per chunk.
-                    await anyio.lowlevel.checkpoint()
-                    if idle_timeout_s is not None:
-                        silence.deadline = anyio.current_time() + idle_timeout_s
-            except UpstreamError as exc:
-                # Bytes already reached the client: no retry is possible.
-                logger.warning("upstream failed mid-response: %s", exc)
-                await self._end_with_error(send, f"engine failed mid-stream: {type(exc).__name__}")
-                return "upstream_failed"
+        with anyio.CancelScope(deadline=anyio.current_time() + idle_timeout_s) as silence:
+            outcome = await self._forward_body(send, silence)
         if silence.cancelled_caught:
             logger.warning("engine sent nothing for %.0f s mid-response: ending it", idle_timeout_s)
             await self._end_with_error(send, f"engine sent nothing for {idle_timeout_s:g} s")
             return "upstream_stalled"
+        return outcome
+
+    async def _forward_body(self, send: Send, silence: anyio.CancelScope | None) -> Outcome:
+        first = True
+        try:
+            async for chunk in self._upstream.aiter_raw():
+                if first:
+                    first = False
+                    self._on_first_byte()
+                else:
+                    # Reading buffered upstream data and writing to a socket with room both
+                    # return without suspending: a fast stream would otherwise hold the event
+                    # loop and stall every other request. Yield once per chunk after the first
+                    # (an answer that comes whole, in one chunk, needs no extra turn of the loop).
+                    await anyio.lowlevel.checkpoint()
+                if silence is not None:
+                    silence.deadline = math.inf
+                if self._tap is not None:
+                    chunk = self._tap.feed(chunk)
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if silence is not None and self._idle_timeout_s is not None:
+                    silence.deadline = anyio.current_time() + self._idle_timeout_s
+        except UpstreamError as exc:
+            # Bytes already reached the client: no retry is possible.
+            logger.warning("upstream failed mid-response: %s", exc)
+            await self._end_with_error(send, f"engine failed mid-stream: {type(exc).__name__}")
+            return "upstream_failed"
         self._upstream_done = True
         tail = self._tap.finish() if self._tap is not None else b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})

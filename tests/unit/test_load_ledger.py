@@ -93,6 +93,58 @@ def test_a_response_made_as_the_client_left_is_closed_and_released() -> None:
     assert engine.in_flight == 0
 
 
+class _StayingRequest(_Request):
+    """A client that stays until `leave` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leave = asyncio.Event()
+
+    async def receive(self) -> dict[str, str]:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_the_client_leaving_cancels_the_work_and_counts_once() -> None:
+    cancelled: list[bool] = []
+
+    async def dispatch_until_cancelled() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "never"
+
+    request = _StayingRequest()
+
+    async def run() -> tuple[object, int]:
+        asyncio.get_running_loop().call_later(0.01, request.leave.set)
+        answer = await until_client_leaves(request, dispatch_until_cancelled())  # type: ignore[arg-type]
+        # The cancel was the client's: this task goes on uncancelled (a later await works).
+        await asyncio.sleep(0)
+        task = asyncio.current_task()
+        assert task is not None
+        return answer, task.cancelling()
+
+    answer, cancelling = asyncio.run(run())
+    assert getattr(answer, "status_code", None) == 499 and cancelled == [True] and cancelling == 0
+    assert request.app.state.metrics.client_disconnects.labels("/v1/completions")._value.get() == 1
+
+
+def test_work_that_ends_first_is_answered_and_a_later_leave_cancels_nothing() -> None:
+    async def run() -> tuple[str, int]:
+        request = _StayingRequest()
+        answer = await until_client_leaves(request, asyncio.sleep(0.001, result="done"))  # type: ignore[arg-type]
+        request.leave.set()  # the client goes after its answer: nothing to cancel
+        await asyncio.sleep(0.02)
+        task = asyncio.current_task()
+        assert task is not None
+        return answer, task.cancelling()
+
+    assert asyncio.run(run()) == ("done", 0)
+
+
 def test_a_store_load_counts_in_the_engines_queue() -> None:
     engine = Endpoint(EngineId("a"), "http://a", kv_store="s")
     prefix = PrefixService(InMemoryIndex(), None, EndpointRegistry([engine]), WorkingSetTracker(),  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-from gateway.tokenization.pieces import PieceEncoder
+from gateway.tokenization.pieces import MAX_SHORT_PIECES, PieceEncoder
 from gateway.tokenization.prompt import ChatPrompt
 from gateway.tokenization.tokenizer import HFPromptTokenizer
 
@@ -48,6 +48,16 @@ def test_the_cache_is_bounded_by_tokens(tokenizer: HFPromptTokenizer) -> None:
         assert encoder.encode(text + "<|eot_id|>" + text) == tokenizer._tokenizer.encode(
             text + "<|eot_id|>" + text, add_special_tokens=False)  # fmt: skip
     assert encoder._cached_tokens <= 500 or len(encoder._cache) == 1
+
+
+def test_short_pieces_are_kept_in_a_bounded_table(tokenizer: HFPromptTokenizer) -> None:
+    encoder = PieceEncoder(tokenizer._tokenizer.backend_tokenizer, {"<|eot_id|>": 4})
+    rng = random.Random(3)
+    for _ in range(3 * MAX_SHORT_PIECES // 2):
+        text = words(rng, rng.randint(1, 20)) + "<|eot_id|>user<|eot_id|>"  # the pieces all short
+        assert encoder.encode(text) == tokenizer._tokenizer.encode(text, add_special_tokens=False)
+        assert len(encoder._short) <= MAX_SHORT_PIECES
+    assert "user" in encoder._short and not encoder._cache
 
 
 def toy(special: AddedToken, metaspace: bool = False) -> Tokenizer:

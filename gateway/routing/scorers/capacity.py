@@ -37,9 +37,7 @@ class CapacityScorer(BaseScorer):
             if not capacity:
                 scores[e.id] = 0.5
                 continue
-            new_chunks = request.num_unread_chunks + sum(
-                1 for k in request.chunk_keys if not working_sets.holds(e.id, k)
-            )
+            new_chunks = request.num_unread_chunks + working_sets.num_missing(e.id, request.chunk_keys)
             fill = (working_sets.size(e.id) + new_chunks) / capacity
             target = self.params.target_fill
             if fill <= target:
