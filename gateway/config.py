@@ -210,13 +210,6 @@ class LocalEnginesConfig(_Strict):
             raise ValueError("vLLM's CPU backend needs a multiple of 32")
         return value
 
-    @model_validator(mode="after")
-    def _one_connector(self) -> LocalEnginesConfig:
-        if self.kv_transfer and self.kv_store:
-            raise ValueError("kv_transfer and kv_store each give the engines a KV connector (NIXL, LMCache); "
-                             "local CPU engines take one: set one of them")  # fmt: skip
-        return self
-
 
 class ModelConfig(_Strict):
     name: str

@@ -125,7 +125,8 @@ class GatewayMetrics:
         )  # fmt: skip
         # Elastic fleet (gateway.elastic): prefixes a join warmed or a drain handed over, by
         # outcome: pulled, failed, over_budget, in_store (the engine loads it from its store),
-        # held (nothing to move), unheld (no engine that can give KV holds enough of it).
+        # held (nothing to move), unheld (no engine that can give KV holds enough of it),
+        # too_small (a pull would move fewer than kv_transfer.min_prefix_tokens).
         self.elastic_prefixes = Counter(
             "gateway_elastic_prefixes", "Hot prefixes considered when an engine joined or was drained, by outcome.",
             ["event", "outcome"], registry=r,

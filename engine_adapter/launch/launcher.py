@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine_adapter.launch.kv_store import NO_TELEMETRY_ENV, KVStoreSpec, LocalKVStore, connector_config
 from engine_adapter.launch.process import answers_ok, log_tail, signal_group, spawn_logged, stop_group
@@ -60,14 +61,12 @@ class EngineSpec:
     # take theirs (engine_adapter.transfer); each engine on a host needs its own.
     kv_transfer_port: int | None = None
     # Port of the shared KV store (an LMCache server on `host`, engine_adapter.launch.kv_store):
-    # set, the engine runs vLLM's LMCacheMPConnector to it. One connector: not with NIXL.
+    # set, the engine runs vLLM's LMCacheMPConnector to it; with `kv_transfer_port` too, both
+    # connectors run in one vLLM MultiConnector (NIXL first, so a pull is NIXL's, any other
+    # load the store's).
     kv_store_port: int | None = None
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kv_transfer_port is not None and self.kv_store_port is not None:
-            raise ValueError(f"engine {self.name}: NIXL KV transfer and a KV store are two KV connectors; pick one")
 
     @property
     def confine_to_cores(self) -> bool:
@@ -108,11 +107,23 @@ class EngineSpec:
             args += ["--kv-events-config", json.dumps(events)]
         if self.num_gpu_blocks_override is not None:
             args += ["--num-gpu-blocks-override", str(self.num_gpu_blocks_override)]
-        if self.kv_transfer_port is not None:
-            args += ["--kv-transfer-config", json.dumps(NIXL_TRANSFER_CONFIG)]
-        if self.kv_store_port is not None:
-            args += ["--kv-transfer-config", json.dumps(connector_config(self.host, self.kv_store_port))]
+        connector = self.kv_transfer_config()
+        if connector is not None:
+            args += ["--kv-transfer-config", json.dumps(connector)]
         return args + list(self.extra_args)
+
+    def kv_transfer_config(self) -> dict[str, Any] | None:
+        """vLLM's `--kv-transfer-config`: NIXL, the store's LMCacheMPConnector, both in a
+        MultiConnector, or none."""
+        connectors = []
+        if self.kv_transfer_port is not None:
+            connectors.append(NIXL_TRANSFER_CONFIG)
+        if self.kv_store_port is not None:
+            connectors.append(connector_config(self.host, self.kv_store_port))
+        if len(connectors) < 2:
+            return connectors[0] if connectors else None
+        return {"kv_connector": "MultiConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
+                "kv_connector_extra_config": {"connectors": connectors}}  # fmt: skip
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

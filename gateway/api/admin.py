@@ -129,4 +129,5 @@ def _outcome(outcome: Outcome | None) -> dict[str, Any] | None:
     return {"prefixes_pulled": outcome.num_pulled, "prefixes_failed": outcome.num_failed,
             "prefixes_over_budget": outcome.num_over_budget, "prefixes_in_store": outcome.num_in_store,
             "prefixes_held": outcome.num_held, "prefixes_unheld": outcome.num_unheld,
+            "prefixes_too_small": outcome.num_too_small,
             "tokens_moved": outcome.moved_tokens, "duration_s": round(outcome.duration_s, 3)}  # fmt: skip

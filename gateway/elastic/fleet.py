@@ -68,8 +68,8 @@ class ElasticFleet:
         )  # fmt: skip
         logger.info(
             "%s of %s: %d hot prefixes pulled (%d tokens, %.0f ms), %d failed, %d over budget, %d from the "
-            "shared store, %d held already, %d held by no engine that can give KV",
+            "shared store, %d held already, %d held by no engine that can give KV, %d too small to move",
             event, endpoint.id, outcome.num_pulled, outcome.moved_tokens, outcome.duration_s * 1000, outcome.num_failed,
-            outcome.num_over_budget, outcome.num_in_store, outcome.num_held, outcome.num_unheld,
+            outcome.num_over_budget, outcome.num_in_store, outcome.num_held, outcome.num_unheld, outcome.num_too_small,
         )  # fmt: skip
         return outcome

@@ -49,13 +49,14 @@ class Plan:
     num_in_store: int = 0  # the target loads these from its shared store: warm already
     num_held: int = 0  # the target (join) or a peer (drain) holds them already
     num_unheld: int = 0  # no peer that can give KV holds enough of them
+    num_too_small: int = 0  # a pull would move fewer than `min_prefix_tokens`: not worth one
     num_over_budget: int = 0
 
     def admit(self, pull: Pull, min_prefix_tokens: int, config: ElasticConfig) -> bool:
         """Add `pull` unless it moves too little to be worth a transfer or exceeds the
         budget (`config.max_prefixes`, `config.max_tokens` over the plan); counts why not."""
         if pull.moved_tokens < min_prefix_tokens:
-            self.num_unheld += 1
+            self.num_too_small += 1
             return False
         moved = sum(p.moved_tokens for p in self.pulls)
         if len(self.pulls) >= config.max_prefixes or moved + pull.moved_tokens > config.max_tokens:
@@ -173,6 +174,7 @@ class Outcome:
     num_in_store: int = 0
     num_held: int = 0
     num_unheld: int = 0
+    num_too_small: int = 0
 
 
 class Warmer:
@@ -223,9 +225,10 @@ class Warmer:
             m.kv_transfer_tokens.labels(source.id, target.id).inc(pull.moved_tokens)
             on_pulled(pull)
         outcome = Outcome(pulled, failed, timed_out + plan.num_over_budget, moved, time.monotonic() - started,
-                          plan.num_in_store, plan.num_held, plan.num_unheld)  # fmt: skip
+                          plan.num_in_store, plan.num_held, plan.num_unheld, plan.num_too_small)  # fmt: skip
         for name, count in (("pulled", pulled), ("failed", failed), ("over_budget", outcome.num_over_budget),
-                            ("in_store", plan.num_in_store), ("held", plan.num_held), ("unheld", plan.num_unheld)):  # fmt: skip
+                            ("in_store", plan.num_in_store), ("held", plan.num_held), ("unheld", plan.num_unheld),
+                            ("too_small", plan.num_too_small)):  # fmt: skip
             if count:
                 m.elastic_prefixes.labels(event, name).inc(count)
         m.elastic_duration.labels(event).observe(outcome.duration_s)

@@ -64,6 +64,7 @@ def test_a_joining_engine_is_planned_a_warm_up_from_the_prompts_routed_lately(fl
         added = client.post("/admin/engines", json=engine("b", kv_transfer=True), headers=AUTH)
         assert added.status_code == 200, added.text
         warm_up = added.json()["warm_up"]
-        assert (warm_up["prefixes_pulled"], warm_up["prefixes_unheld"]) == (0, 1) and added.json()["available"]
+        assert (warm_up["prefixes_pulled"], warm_up["prefixes_unheld"], warm_up["prefixes_too_small"]) == (0, 1, 0)
+        assert added.json()["available"]
         metrics = client.get("/metrics").text
         assert 'gateway_elastic_prefixes_total{event="join",outcome="unheld"} 1.0' in metrics

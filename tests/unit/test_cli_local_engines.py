@@ -46,6 +46,10 @@ def test_without_kv_store_there_is_no_server_and_no_store_for_the_index() -> Non
     assert all(e.kv_store is None for e in engines)
 
 
-def test_kv_store_and_nixl_are_refused_together() -> None:
-    with pytest.raises(ValueError, match="set one of them"):
-        LocalEnginesConfig(kv_transfer=True, kv_store=True)
+def test_kv_store_and_nixl_together_give_every_engine_both() -> None:
+    local = LocalEnginesConfig(count=2, kv_transfer=True, kv_transfer_base_port=6100, kv_store=True, kv_store_port=6001)
+    engines, _ = local_engine_configs(local)
+    (fleet,) = RecordedFleet.started
+    assert fleet.kv_store is not None
+    assert [(s.kv_transfer_port, s.kv_store_port) for s in fleet.specs] == [(6100, 6001), (6101, 6001)]
+    assert all(e.kv_transfer and e.kv_store == LOCAL_KV_STORE for e in engines)

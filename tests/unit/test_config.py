@@ -34,7 +34,6 @@ def test_minimal_config_gets_defaults() -> None:
         ({"engines": [ENGINE, ENGINE]}, "unique"),
         ({}, "at least one engine"),
         ({"local_engines": {"block_size": 16}}, "local_engines.block_size"),
-        ({"local_engines": {"kv_transfer": True, "kv_store": True}}, "set one of them"),
         ({"engines": [{**ENGINE, "kv_store": "a b"}]}, "engines.0.kv_store"),
         ({"engines": [{**ENGINE, "name": "kv-store:x"}]}, "engines.0.name"),
         ({"engines": [ENGINE], "routing": {"policy": "least_loaded", "scorers": [{"name": "session"}]}}, "not both"),

@@ -115,6 +115,18 @@ def test_join_stays_within_the_budget_and_above_the_minimum() -> None:
     below = plan_join(new, hot, index.lookup, lambda m: [a, new], block_size=BLOCK, min_prefix_tokens=5,
                       config=ElasticConfig())  # fmt: skip
     assert [p.prefix.chunk_keys[0] for p in below.pulls] == [20, 30]  # 10 would move 4 tokens
+    # Too small to be worth a pull, not unheld: `a` holds all of it.
+    assert (below.num_too_small, below.num_unheld, below.num_over_budget) == (1, 0, 0)
+
+
+def test_drain_counts_a_pull_under_the_minimum_as_too_small() -> None:
+    gone, peer = engine("gone"), engine("peer")
+    index = Index()
+    index.hold("gone", [10, 11, 12])
+    index.hold("peer", [10, 11])  # only the last chunk (4 tokens) would move
+    plan = plan_drain(gone, prefixes([10, 11, 12]), index.lookup, lambda m: [peer], block_size=BLOCK,
+                      min_prefix_tokens=5, config=ElasticConfig())  # fmt: skip
+    assert plan.pulls == [] and (plan.num_too_small, plan.num_unheld, plan.num_held) == (1, 0, 0)
 
 
 def test_join_warms_only_models_the_target_serves() -> None:
@@ -187,6 +199,15 @@ def test_the_warmer_runs_the_pulls_and_counts_what_failed() -> None:
     assert [p.source for p in done] == ["a"]
     assert metrics.elastic_prefixes.labels("join", "pulled")._value.get() == 1
     assert metrics.elastic_prefixes.labels("join", "failed")._value.get() == 1
+
+
+def test_the_warmer_reports_the_plans_too_small_and_unheld_apart() -> None:
+    a, new = engine("a"), engine("new")
+    plan = Plan(num_unheld=2, num_too_small=3)
+    outcome, _, metrics = run(plan, FakeTransfer(), [a, new])
+    assert (outcome.num_unheld, outcome.num_too_small) == (2, 3)
+    assert metrics.elastic_prefixes.labels("join", "unheld")._value.get() == 2
+    assert metrics.elastic_prefixes.labels("join", "too_small")._value.get() == 3
 
 
 def test_the_warmer_stops_at_its_time_budget() -> None:

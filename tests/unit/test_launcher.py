@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-
-import pytest
+from dataclasses import replace
 
 from engine_adapter.launch.kv_store import KVStoreSpec
-from engine_adapter.launch.launcher import EngineSpec, local_specs
+from engine_adapter.launch.launcher import NIXL_TRANSFER_CONFIG, EngineSpec, local_specs
 
 
 def args_after(command: list[str], flag: str) -> str:
@@ -48,9 +47,17 @@ def test_engines_attached_to_a_kv_store_run_lmcaches_connector_to_it() -> None:
     assert [s.kv_store_port for s in specs] == [5580, 5580]
 
 
-def test_an_engine_takes_one_kv_connector() -> None:
-    with pytest.raises(ValueError, match="pick one"):
-        EngineSpec(name="e", model_dir="/m", served_model_name="m", port=8100, kv_transfer_port=5601, kv_store_port=5580)
+def test_nixl_and_a_kv_store_run_in_one_multi_connector_nixl_first() -> None:
+    spec = EngineSpec(name="e", model_dir="/m", served_model_name="m", port=8100, kv_transfer_port=5601, kv_store_port=5580)
+    assert spec.command().count("--kv-transfer-config") == 1
+    config = json.loads(args_after(spec.command(), "--kv-transfer-config"))
+    assert config["kv_connector"] == "MultiConnector" and config["kv_buffer_device"] == "cpu"
+    nixl, store = config["kv_connector_extra_config"]["connectors"]
+    assert nixl == NIXL_TRANSFER_CONFIG
+    assert store["kv_connector"] == "LMCacheMPConnector" and store["kv_connector_extra_config"]["lmcache.mp.port"] == 5580
+    env = spec.environment()
+    assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601" and env["LMCACHE_TRACK_USAGE"] == "false"
+    assert spec.confine_to_cores is False and replace(spec, cpu_bind="0").confine_to_cores
 
 
 def test_the_kv_store_command_is_lmcaches_server_in_the_fast_transfer_mode() -> None:
