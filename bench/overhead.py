@@ -21,8 +21,9 @@ Phases, each bounded in count and time:
 
 1. sequential: `--requests` chats one at a time, per workload: ~2k and ~16k-token prompts
    (`--prompt-tokens`), each "cold" (a fresh system prompt every request) or "repeat" (each
-   request extends an earlier conversation of the same session by one turn; the session's
-   first turn is sent, unmeasured, before). The same request goes direct and through the
+   request extends an earlier conversation of the same session by one turn; the sessions'
+   first turns are sent, unmeasured, before, then `TURN_GAP_S` of pause, as a user reads an
+   answer before the next turn). The same request goes direct and through the
    router, alternating which goes first, so both see the same noise; added = percentile
    (router) - percentile (direct).
 2. open loop: Poisson arrivals at each of `--rates` for `--duration` s (at most
@@ -72,6 +73,10 @@ SYLLABLES = ["ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "vu", "ze", "bo", "
 PROMPTLESS_POLICIES = frozenset({"round_robin", "least_loaded", "session"})
 PROBE_INTERVAL_S = 0.02
 JSON_HEADERS = {"content-type": "application/json"}
+# Between a conversation's first turn and the next: a real next turn waits for the answer and
+# for its user (seconds); the gateway's idle-time work on the first turn (caching its pieces
+# for the next, gateway.tokenization) gets idle time meanwhile, as it would.
+TURN_GAP_S = 1.0
 # An open-loop phase whose client sent this late (p99, ms) measured the machine, not the
 # target: it is run once more and the less disturbed run kept.
 CLIENT_LAG_LIMIT_MS = 20.0
@@ -497,6 +502,8 @@ async def sequential_phase(direct_urls: Sequence[str], target_url: str | None, w
                 status, _ = await _post(session, (target_url or direct_urls[0]) + CHAT_PATH, body, timeout)
                 result.target_requests += 1 if target_url else 0
                 result.errors += status != "200"
+            if warm:
+                await asyncio.sleep(TURN_GAP_S)
             for i, body in enumerate(bodies):
                 if time.perf_counter() - started > max_s:
                     log(f"    sequential phase stopped at its time bound ({max_s:.0f} s) after {i} requests")
