@@ -1,6 +1,6 @@
 """Replay benchmark: the same workloads through each routing policy, on the same real engines.
 
-    python -m bench.replay                       # all workloads, all policies, 2 local CPU engines
+    python -m bench.replay --trace trace.jsonl   # all workloads, all policies, 2 local CPU engines
     python -m bench.replay --workloads shared multi --policies round_robin,kv_aware
     python -m bench.replay --target http://other-router:8000 --target-name other
 
@@ -31,7 +31,6 @@ from bench.workloads import BenchRequest, Workload, mooncake_trace, multi_turn, 
 
 MODEL = "tiny-llama"
 BLOCK_SIZE = 32
-TRACE = ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl"
 POLICIES = ("round_robin", "least_loaded", "session", "prefix", "kv_aware")
 
 
@@ -167,8 +166,9 @@ def engine_request_counts(engine_urls: dict[str, str]) -> dict[str, float]:
 
 
 def build_workloads(names: list[str], seed: int, content_seed: int, scale: float = 1.0, uses_per_prefix: int = 24,
-                    turns: int = 24) -> list[Workload]:  # fmt: skip
-    """`seed` fixes each workload's shape (arrivals, order, lengths), `content_seed` its tokens."""
+                    turns: int = 24, trace: Path | None = None) -> list[Workload]:  # fmt: skip
+    """`seed` fixes each workload's shape (arrivals, order, lengths), `content_seed` its tokens;
+    `trace`: the Mooncake-format file the "trace" workload replays (none: it is left out)."""
     n = lambda x: max(1, int(x * scale))  # noqa: E731
     workloads = []
     if "shared" in names:
@@ -191,8 +191,8 @@ def build_workloads(names: list[str], seed: int, content_seed: int, scale: float
         workloads.append(multi_turn(MODEL, num_sessions=n(16), turns=turns, system_words=700, user_words=40,
                                     reply_words=30, max_tokens=8, seed=seed + 2, content_seed=content_seed + 2,
                                     session_rate_per_s=0.13, think_s=2.0))  # fmt: skip
-    if "trace" in names:
-        workloads.append(mooncake_trace(MODEL, TRACE, max_requests=n(150), max_blocks=6, block_tokens=512,
+    if "trace" in names and trace is not None:
+        workloads.append(mooncake_trace(MODEL, trace, max_requests=n(150), max_blocks=6, block_tokens=512,
                                         time_scale=1.0, max_tokens=16, seed=content_seed + 3))  # fmt: skip
     return workloads
 
@@ -238,6 +238,8 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--workloads", nargs="+", default=["shared", "capacity", "multi", "trace"],
                         choices=["shared", "capacity", "multi", "trace"])  # fmt: skip
+    parser.add_argument("--trace", type=Path, help="a Mooncake-format trace (JSON lines: timestamp, input_length, "
+                        "output_length, hash_ids) for the 'trace' workload; without it that workload is left out")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the number of requests")
     parser.add_argument("--kv-blocks", type=int, default=640, help="KV-cache blocks per engine")
     parser.add_argument("--target", action="append", default=[], help="extra OpenAI-compatible URL to compare")
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=24, help="turns per chat in the multi-turn workload")
     parser.add_argument("--engine-args", default="", help="extra vLLM arguments, e.g. '--max-num-batched-tokens 512'")
     args = parser.parse_args()
+    if "trace" in args.workloads and args.trace is None:
+        print("no --trace file given: the trace workload is left out", file=sys.stderr)
 
     from engine_adapter.launch.launcher import EngineFleet, local_specs
     from engine_adapter.launch.tiny_model import ensure_tiny_model
@@ -269,7 +273,7 @@ def main() -> None:
         for run_no, label in enumerate(policies + [t[0] for t in targets]):
             # The same arrivals for every run, fresh token content: nobody inherits another's cache.
             workloads = build_workloads(args.workloads, args.seed, args.seed + 100 * (run_no + 1), args.scale,
-                                        args.uses_per_prefix, args.turns)  # fmt: skip
+                                        args.uses_per_prefix, args.turns, args.trace)  # fmt: skip
             for workload in workloads:
                 key = workload.name.split(" (")[0]
                 if key not in oracles:
