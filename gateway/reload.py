@@ -24,6 +24,7 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.config_diff import ConfigChange
 from gateway.config_file import ConfigFile
 from gateway.metrics import GatewayMetrics
+from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +80,7 @@ class ConfigReloader:
                 signal.signal(signal.SIGHUP, self._previous_handler)
             self._listening = False
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _run(self) -> None:

@@ -18,6 +18,9 @@ configuration built (gateway.generation).
 
 `add_engine` (the admin API) is a reconfiguration that adds one engine to the running
 configuration. Reconfigurations run one at a time.
+
+An engine that restarts (the health checker sees a new process) lost its cache: its index
+entries go, and it is warmed as one that joins, in the background (`_on_restart`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from gateway.proxy.upstream import UpstreamClient, build_client
 from gateway.routing.cost_model import CostModel
 from gateway.routing.store_model import StoreLoadModel
 from gateway.routing.transfer_model import TransferCostModel
+from gateway.tasks import cancel_and_wait
 from gateway.tokenization.engine import EngineTokenizer
 from gateway.tokenization.models import ModelTokenizers
 from gateway.types import EngineId
@@ -92,8 +96,10 @@ class GatewayRuntime:
         el = config.elastic
         self.hot_prefixes = HotPrefixes(max_prefixes=el.max_tracked_prefixes, max_tokens=el.max_prefix_tokens,
                                         half_life_s=el.hot_half_life_s)  # fmt: skip
-        # What the last warm-up of each joining engine did (the admin API reports it).
+        # What the last warm-up of each joining (or restarted) engine did (the admin API reports it).
         self.warmed: dict[EngineId, Outcome] = {}
+        # Warm-ups of restarted engines, running off the health checker's path.
+        self._warm_ups: set[asyncio.Task[None]] = set()
         self._reconfiguring = asyncio.Lock()
         self.cost_model = CostModel()
         self.transfer_model = TransferCostModel()
@@ -174,7 +180,8 @@ class GatewayRuntime:
             await self.tokenizers.close()
         await self.feeds.stop()
         await self.ingestor.drops.close()
-        await self.checker.stop()
+        await self.checker.stop()  # first: no restart starts another warm-up
+        await cancel_and_wait(self._warm_ups)
         await self.outlier.close()
         await self.upstream.aclose()
         await self.control.aclose()
@@ -255,8 +262,9 @@ class GatewayRuntime:
         return change
 
     async def _warm(self, endpoint: Endpoint) -> None:
-        """Pull the hot prefixes into a joining engine (its KV events followed already, so the
-        index learns what it took), then put it in rotation, whatever happened."""
+        """Pull the hot prefixes into a joining (or restarted) engine (its KV events followed
+        already, so the index learns what it took), then put it in rotation, whatever happened
+        (an engine that failed its health checks meanwhile stays out until it passes them)."""
         try:
             outcome = await self.elastic.warm(endpoint, self.generation)
             if outcome is not None:
@@ -400,6 +408,21 @@ class GatewayRuntime:
             return
         self.ingestor.reset(endpoint.id, "engine restarted")
         self._on_join(endpoint)
+        self._rewarm(endpoint)
+
+    def _rewarm(self, endpoint: Endpoint) -> None:
+        """A restarted engine comes back with an empty cache: warm it as one that joins, out of
+        rotation until then (`elastic.warm_on_join`). In the background: the health checker
+        that saw the restart goes on checking the others, and finds the engine failing if it
+        does. One warm-up at a time: a restart during one (or during a join's) lets it finish.
+        The check that saw the restart passed: the engine answers, even if it is not back in
+        rotation yet (`health.healthy_threshold`)."""
+        if endpoint.warming or not self.elastic.would_warm(endpoint, self.generation):
+            return
+        endpoint.warming = True
+        task = asyncio.create_task(self._warm(endpoint), name=f"warm-{endpoint.id}")
+        self._warm_ups.add(task)
+        task.add_done_callback(self._warm_ups.discard)
 
 
 def _tokenizer_settings(config: GatewayConfig) -> dict[str, str]:

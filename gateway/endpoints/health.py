@@ -18,6 +18,7 @@ import httpx
 from engine_adapter.metrics import parse_engine_metrics
 from gateway.config import HealthConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +137,5 @@ class HealthChecker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self._task])
             self._task = None

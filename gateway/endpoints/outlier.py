@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from gateway.config import OutlierDetectionConfig
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
 from gateway.metrics import GatewayMetrics
+from gateway.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,4 @@ class OutlierDetector:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)

@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Iterable
 
 from gateway.kvindex.base import ChunkIndex
+from gateway.tasks import cancel_and_wait
 from gateway.types import (
     TIER_APPROXIMATE,
     TIER_CPU,
@@ -66,9 +67,7 @@ class EngineDrops:
             await asyncio.shield(task)
 
     async def close(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await cancel_and_wait(self._tasks.values())
 
     async def _run(self, engine: EngineId) -> None:
         pending = self._pending[engine]

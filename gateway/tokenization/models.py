@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.endpoints.registry import Endpoint, EndpointRegistry
+from gateway.tasks import cancel_and_wait
 from gateway.tokenization.engine import EngineTokenizer
 from gateway.tokenization.prompt import ChatPrompt, TextPrompt
 from gateway.tokenization.tokenizer import HFPromptTokenizer, PromptTokenizer, TokenizationFailed
@@ -215,9 +216,7 @@ class ModelTokenizers:
     async def close(self) -> None:
         """Stop the checks under way (before the client they use closes), then the tokenizers."""
         self._closed = True
-        for task in self._checks.values():
-            task.cancel()
-        await asyncio.gather(*self._checks.values(), return_exceptions=True)
+        await cancel_and_wait(self._checks.values())
         for tokenizer in self._loaded.values():
             tokenizer.close()
 

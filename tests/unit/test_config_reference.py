@@ -60,3 +60,9 @@ def test_every_key_is_documented_with_its_default(name: str) -> None:
         else:  # none, lists, mappings: described in words
             continue
         assert rows[key].strip("`") == shown, f"`{name}.{key}`: documented {rows[key]}, code {default!r}"
+
+
+def test_warm_on_join_is_documented_to_cover_restarted_engines() -> None:
+    # The runtime warms an engine that restarted (an empty cache) under the same switch.
+    match = re.search(r"^\| `warm_on_join` \| [^|]* \| ([^|]*) \|", DOC, re.M)
+    assert match and "restart" in match.group(1)
