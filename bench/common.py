@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -111,3 +112,18 @@ def write_report(name: str, title: str, body: str, directory: Path | None = None
     path = directory / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.md"
     path.write_text(f"# {title}\n\n{body}\n")
     return path
+
+
+async def read_event_stream(resp: httpx.Response, start: float) -> tuple[float | None, dict[str, Any]]:
+    """Read an OpenAI server-sent-events answer to its end: the time from `start` to its first
+    choice (None if it had none) and its usage (`stream_options.include_usage`; {} without)."""
+    ttft: float | None = None
+    usage: dict[str, Any] = {}
+    async for line in resp.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if ttft is None and event.get("choices"):
+            ttft = time.perf_counter() - start
+        usage = event.get("usage") or usage
+    return ttft, usage

@@ -6,7 +6,6 @@ request's TTFT, engine and cached tokens (the engine's `usage.prompt_tokens_deta
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bench.common import ROOT, free_port
+from bench.common import ROOT, free_port, read_event_stream
 
 if TYPE_CHECKING:
     from engine_adapter.launch.launcher import EngineSpec
@@ -47,17 +46,9 @@ def question(rng: random.Random) -> str:
 async def send(client: httpx.AsyncClient, url: str, prompt: str) -> Sample:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft: float | None = None
-    usage: dict[str, Any] = {}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event.get("choices"):
-                ttft = time.perf_counter() - start
-            usage = event.get("usage") or usage
+        ttft, usage = await read_event_stream(resp, start)
     details = usage.get("prompt_tokens_details") or {}
     return Sample(start, ttft if ttft is not None else time.perf_counter() - start, resp.headers.get("x-gateway-engine", ""),
                   int(usage.get("prompt_tokens", 0)), int(details.get("cached_tokens") or 0), prompt)  # fmt: skip

@@ -26,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import LOG_DIR, ROOT, free_port, gateway_process, markdown_table, median, percentile, write_report
+from bench.common import (LOG_DIR, ROOT, free_port, gateway_process, markdown_table, median, percentile,
+                          read_event_stream, write_report)
 from bench.workloads import BenchRequest, Workload, mooncake_trace, multi_turn, oracle_hit_rate, shared_prefix
 
 MODEL = "tiny-llama"
@@ -83,22 +84,12 @@ HEADERS = ["policy", "hit rate (engine)", "oracle", "of oracle", "TTFT mean ms",
 async def send(client: httpx.AsyncClient, base_url: str, request: BenchRequest) -> Sample:
     body = {**request.body, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    ttft = None
-    usage: dict[str, Any] | None = None
     async with client.stream("POST", f"{base_url}{request.api_path}", json=body) as resp:
         if resp.status_code != 200:
             await resp.aread()
             return Sample(0, 0, 0, None, None, ok=False)
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if ttft is None and event.get("choices"):
-                ttft = time.perf_counter() - start
-            if event.get("usage"):
-                usage = event["usage"]
+        ttft, usage = await read_event_stream(resp, start)
     predicted = resp.headers.get("x-gateway-predicted-cached-tokens")
-    usage = usage or {}
     details = usage.get("prompt_tokens_details") or {}
     return Sample(
         ttft_s=ttft if ttft is not None else time.perf_counter() - start,
