@@ -236,9 +236,13 @@ class HFPromptTokenizer:
 
 # One head in this many is checked against the whole encoding (in a worker thread).
 _VERIFY_HEADS_EVERY = 64
-# Text waiting for a background encode, at most: ~0.15 s of encoding for the test model's
-# tokenizer (~0.5 µs per character), six 16k-token chats.
-_MAX_BACKLOG_CHARS = 256 * 1024
+# Text waiting for a background encode, at most (~70 16k-token chats; ~1 s of encoding for
+# the test model's tokenizer at ~0.24 µs per character). The thread takes idle cycles only
+# (SCHED_IDLE), so a longer queue costs no request time; a conversation whose first turn was
+# skipped pays a whole encode at its next turn instead. At 256 KiB, bench.overhead's 16k
+# follow-ups (25 conversations' first turns sent back to back) had p99 14-15 ms added, at
+# 4 MiB 1.9-2.6 ms; p50s and the open loop unchanged (two runs each, alternated).
+_MAX_BACKLOG_CHARS = 4 * 1024 * 1024
 
 
 def _encode_in_the_calling_thread() -> None:
