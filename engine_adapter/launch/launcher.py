@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from engine_adapter.launch.kv_store import NO_TELEMETRY_ENV, KVStoreSpec, LocalKVStore, connector_config
-from engine_adapter.launch.process import answers_ok, log_tail, signal_group, spawn_logged, stop_group
+from engine_adapter.launch.process import (answers_ok, kill_group, log_tail, shared_memory_of_group, signal_group,
+                                           spawn_logged, stop_group)
 
 logger = logging.getLogger(__name__)
 
@@ -168,18 +169,18 @@ class LocalEngine:
     def log_tail(self, num_lines: int = 30) -> str:
         return log_tail(self.log_path, num_lines)
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the engine's process group, then SIGKILL what is left after `timeout_s`."""
+    def stop(self, timeout_s: float = 20.0, shared: set[str] | None = None) -> None:
+        """SIGTERM the engine's process group, then SIGKILL what is left after `timeout_s`
+        (`shared`: its shared memory, read before a SIGTERM sent already)."""
         if self.process is None:
             return
         proc, self.process = self.process, None
-        stop_group(proc, timeout_s, f"engine {self.spec.name}")
+        stop_group(proc, timeout_s, f"engine {self.spec.name}", shared)
 
     def kill(self) -> None:
         """Simulate a crash: SIGKILL the whole group at once."""
         if self.process is not None:
-            signal_group(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+            kill_group(self.process, f"engine {self.spec.name}")
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -247,11 +248,13 @@ class EngineFleet:
         raise KeyError(name)
 
     def stop(self) -> None:
+        # All at once: read what each maps first (the later ones may be gone when their turn comes).
+        shared = {id(e): shared_memory_of_group(e.process.pid) for e in self.engines if e.process is not None}
         for engine in self.engines:
             if engine.process is not None and engine.process.poll() is None:
                 signal_group(engine.process.pid, signal.SIGTERM)
         for engine in self.engines:
-            engine.stop()
+            engine.stop(shared=shared.get(id(engine)))
         if self.kv_store is not None:
             self.kv_store.stop()
 

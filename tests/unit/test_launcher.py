@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import pytest
 
 from engine_adapter.launch.kv_store import KVStoreSpec
 from engine_adapter.launch.launcher import NIXL_TRANSFER_CONFIG, EngineSpec, local_specs
+from engine_adapter.launch.process import kill_group, shared_memory_of_group
 
 
 def args_after(command: list[str], flag: str) -> str:
@@ -70,3 +77,40 @@ def test_the_kv_store_command_is_lmcaches_server_in_the_fast_transfer_mode() -> 
     assert args_after(command, "--supported-transfer-mode") == "auto" and args_after(command, "--shm-name")
     assert args_after(command, "--kv-event-log-size") == "0"
     assert spec.environment()["LMCACHE_TRACK_USAGE"] == "false"
+
+
+_CHILD = """
+import sys, time
+from multiprocessing import shared_memory
+mine = shared_memory.SharedMemory(create=True, size=4096)
+print(mine.name, flush=True)
+time.sleep(60)
+"""
+
+
+def _start_child_with_shared_memory() -> tuple[subprocess.Popen[bytes], Path]:
+    """A process in its own group that created a /dev/shm segment and keeps it mapped."""
+    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, start_new_session=True)
+    assert child.stdout is not None
+    name = child.stdout.readline().decode().strip()
+    return child, Path("/dev/shm") / name
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_a_killed_group_leaves_no_shared_memory_nobody_maps() -> None:
+    child, path = _start_child_with_shared_memory()
+    assert path.exists() and str(path) in shared_memory_of_group(child.pid)
+    kill_group(child, "test child")
+    assert child.poll() is not None and not path.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc (Linux)")
+def test_shared_memory_another_process_still_maps_is_kept() -> None:
+    child, path = _start_child_with_shared_memory()
+    kept = shared_memory.SharedMemory(name=path.name)  # this process maps it too
+    try:
+        kill_group(child, "test child")
+        assert child.poll() is not None and path.exists()
+    finally:
+        kept.close()
+        kept.unlink()
