@@ -1,6 +1,6 @@
 """Online least squares with a prior that never fades, for the gateway's cost models.
 
-Each model (gateway.routing.cost_model, gateway.routing.transfer_model) fits non-negative
+Each model (gateway.routing.cost_model, transfer_model, store_model) fits non-negative
 rates from the requests it sees. The prior enters as weighted pseudo-samples, so a model is
 sensible before any traffic; real samples are forgotten exponentially, but never below the
 prior's own weight.
@@ -43,3 +43,29 @@ class PriorLeastSquares:
         self._xty = self._forgetting * (self._xty - self._prior_xty) + self._prior_xty + x * y
         self.num_samples += 1
         self.coef = solve_nonnegative(self._xtx, self._xty)
+
+
+class FixedPlusPerToken:
+    """seconds(t tokens) = fixed + per_token · t, fitted online from a prior given at two sizes
+    (the transfer and store-load models: a round trip or a lookup, then a rate)."""
+
+    def __init__(self, fixed_s: float, per_token_s: float, weight: float, sizes: tuple[int, int],
+                 forgetting: float) -> None:  # fmt: skip
+        self._fit = PriorLeastSquares(
+            ((np.array([1.0, float(t)]), fixed_s + per_token_s * t, weight) for t in sizes), forgetting
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return self._fit.num_samples
+
+    @property
+    def fixed_s(self) -> float:
+        return float(self._fit.coef[0])
+
+    @property
+    def per_token_s(self) -> float:
+        return float(self._fit.coef[1])
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self._fit.add(np.array([1.0, float(tokens)]), seconds)

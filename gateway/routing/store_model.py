@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from gateway.routing.regression import PriorLeastSquares
+from gateway.routing.regression import FixedPlusPerToken
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,25 +26,10 @@ class StorePrior:
     weight: float = 1.0  # pseudo-samples at each of two sizes: a few loads outweigh it
 
 
-class StoreLoadModel:
+class StoreLoadModel(FixedPlusPerToken):
     def __init__(self, prior: StorePrior | None = None, forgetting: float = 0.95) -> None:
-        self.prior = prior or StorePrior()
-        p = self.prior
-        self._fit = PriorLeastSquares(
-            ((np.array([1.0, float(t)]), p.fixed_s + p.per_token_s * t, p.weight) for t in (1024, 8192)), forgetting
-        )
-
-    @property
-    def num_samples(self) -> int:
-        return self._fit.num_samples
-
-    @property
-    def fixed_s(self) -> float:
-        return float(self._fit.coef[0])
-
-    @property
-    def per_token_s(self) -> float:
-        return float(self._fit.coef[1])
+        self.prior = p = prior or StorePrior()
+        super().__init__(p.fixed_s, p.per_token_s, p.weight, (1024, 8192), forgetting)
 
     def seconds(self, loaded_tokens: int) -> float:
         return self.fixed_s + self.per_token_s * loaded_tokens if loaded_tokens > 0 else 0.0
@@ -57,7 +40,7 @@ class StoreLoadModel:
         the cost model, only requests that waited behind little are informative."""
         if loaded_tokens <= 0 or ttft_s <= 0 or queued_s > 0.25 * ttft_s:
             return
-        self._fit.add(np.array([1.0, float(loaded_tokens)]), extra_s)
+        self.add(loaded_tokens, extra_s)
 
     def describe(self) -> dict[str, float]:
         return {"fixed_s": self.fixed_s, "per_token_s": self.per_token_s, "num_samples": float(self.num_samples)}

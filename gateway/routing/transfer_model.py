@@ -15,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
 from gateway.endpoints.registry import Endpoint
-from gateway.routing.regression import PriorLeastSquares
+from gateway.routing.regression import FixedPlusPerToken
 from gateway.types import EngineId
 
 
@@ -29,13 +27,10 @@ class TransferPrior:
     weight: float = 1.0  # pseudo-samples at each of two sizes: a guess, soon outweighed
 
 
-class TransferCostModel:
+class TransferCostModel(FixedPlusPerToken):
     def __init__(self, prior: TransferPrior | None = None, forgetting: float = 0.95) -> None:
-        self.prior = prior or TransferPrior()
-        p = self.prior
-        self._fit = PriorLeastSquares(
-            ((np.array([1.0, float(t)]), p.fixed_s + p.per_token_s * t, p.weight) for t in (512, 4096)), forgetting
-        )
+        self.prior = p = prior or TransferPrior()
+        super().__init__(p.fixed_s, p.per_token_s, p.weight, (512, 4096), forgetting)
         # Per target engine: NIXL seconds it reported before our first transfer into it, and
         # the tokens we moved into it since.
         self._wire_baseline_s: dict[EngineId, float] = {}
@@ -43,16 +38,9 @@ class TransferCostModel:
         self._wire_per_token_s = 0.0
 
     @property
-    def num_samples(self) -> int:
-        return self._fit.num_samples
-
-    @property
-    def fixed_s(self) -> float:
-        return float(self._fit.coef[0])
-
-    @property
     def per_token_s(self) -> float:
-        return max(float(self._fit.coef[1]), self._wire_per_token_s)
+        """Never below the wire time the engines' NIXL metrics show."""
+        return max(super().per_token_s, self._wire_per_token_s)
 
     def seconds(self, moved_tokens: int) -> float:
         return self.fixed_s + self.per_token_s * moved_tokens
@@ -67,7 +55,7 @@ class TransferCostModel:
         """One finished transfer as the gateway timed it (both steps)."""
         if moved_tokens <= 0 or seconds <= 0:
             return
-        self._fit.add(np.array([1.0, float(moved_tokens)]), seconds)
+        self.add(moved_tokens, seconds)
         if target in self._tokens_moved:
             self._tokens_moved[target] += moved_tokens
 
