@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +67,25 @@ def engine_fleet(tiny_model_dir: Path) -> Iterator[EngineFleet]:
 
 
 def _with_ports(spec: EngineSpec) -> EngineSpec:
-    from dataclasses import replace
-
     events = None if spec.kv_events_port is None else free_port()
     return replace(spec, port=free_port(), kv_events_port=events)
+
+
+@contextmanager
+def nixl_fleet_running(model_dir: Path, num_engines: int, log_dir: str, timeout_s: float) -> Iterator[EngineFleet]:
+    """`num_engines` local CPU engines with NIXL KV transfer, started and, at the end, stopped."""
+    specs = local_specs(
+        num_engines, model_dir=str(model_dir), served_model_name=MODEL_NAME, base_port=free_port(),
+        max_model_len=MAX_MODEL_LEN, kv_transfer_base_port=free_port(),
+    )  # fmt: skip
+    # Consecutive side-channel ports from one free port may collide: one free port each.
+    specs = [replace(_with_ports(s), kv_transfer_port=free_port()) for s in specs]
+    fleet = EngineFleet(specs, ROOT / ".cache" / "test-engine-logs" / log_dir)
+    fleet.start(timeout_s=timeout_s)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
 
 
 @pytest.fixture(scope="session")

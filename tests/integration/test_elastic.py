@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from engine_adapter.launch.launcher import EngineFleet, local_specs
-from tests.conftest import BLOCK_SIZE, MODEL_NAME, ROOT, _with_ports
-from tests.harness import GatewayServer, free_port, gateway_config
+from engine_adapter.launch.launcher import EngineFleet
+from tests.conftest import BLOCK_SIZE, MODEL_NAME, nixl_fleet_running
+from tests.harness import GatewayServer, gateway_config
 from tests.integration.test_kv_transfer import ADMIN, held_on_gpu
 from tests.integration.test_prefix_routing import text_of, wait_until
 
@@ -24,18 +23,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def fleet(tiny_model_dir: Path) -> Iterator[EngineFleet]:
-    specs = local_specs(
-        3, model_dir=str(tiny_model_dir), served_model_name=MODEL_NAME, base_port=free_port(),
-        max_model_len=8192, kv_transfer_base_port=free_port(),
-    )  # fmt: skip
-    # Consecutive side-channel ports from one free port may collide: one free port each.
-    specs = [replace(_with_ports(s), kv_transfer_port=free_port()) for s in specs]
-    engines = EngineFleet(specs, ROOT / ".cache" / "test-engine-logs" / "elastic")
-    engines.start(timeout_s=600)
-    try:
+    with nixl_fleet_running(tiny_model_dir, 3, "elastic", timeout_s=600) as engines:
         yield engines
-    finally:
-        engines.stop()
 
 
 def engine_entry(fleet: EngineFleet, index: int) -> dict[str, Any]:

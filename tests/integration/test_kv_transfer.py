@@ -13,11 +13,11 @@ import httpx
 import openai
 import pytest
 
-from engine_adapter.launch.launcher import EngineFleet, local_specs
+from engine_adapter.launch.launcher import EngineFleet
 from engine_adapter.metrics import parse_engine_metrics
 from gateway.kvindex.base import TIER_GPU
-from tests.conftest import BLOCK_SIZE, MODEL_NAME, ROOT, _with_ports
-from tests.harness import GatewayServer, free_port, gateway_config
+from tests.conftest import BLOCK_SIZE, MODEL_NAME, nixl_fleet_running
+from tests.harness import GatewayServer, gateway_config
 from tests.integration.test_prefix_routing import text_of, wait_until
 
 pytestmark = pytest.mark.integration
@@ -28,21 +28,8 @@ ADMIN = {"authorization": "Bearer admin"}
 
 @pytest.fixture(scope="module")
 def nixl_fleet(tiny_model_dir: Path) -> Iterator[EngineFleet]:
-    specs = local_specs(
-        2, model_dir=str(tiny_model_dir), served_model_name=MODEL_NAME, base_port=free_port(),
-        max_model_len=8192, kv_transfer_base_port=free_port(),
-    )  # fmt: skip
-    specs = [_with_ports(s) for s in specs]
-    # Consecutive side-channel ports from one free port may collide: one free port each.
-    from dataclasses import replace
-
-    specs = [replace(s, kv_transfer_port=free_port()) for s in specs]
-    fleet = EngineFleet(specs, ROOT / ".cache" / "test-engine-logs" / "nixl")
-    fleet.start(timeout_s=400)
-    try:
+    with nixl_fleet_running(tiny_model_dir, 2, "nixl", timeout_s=400) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.fixture(scope="module")
