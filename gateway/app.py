@@ -4,6 +4,7 @@ which owns every component and its lifetime; with a `config_file`, it follows th
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from gateway.config_file import ConfigFile
 from gateway.endpoints.shared import SharedFleetState
 from gateway.errors import GatewayError, error_body, error_response, internal_error_response
 from gateway.limits.admission import Admission
+from gateway.limits.loop_lag import EventLoopLag
 from gateway.limits.protocol import COUNT_REJECTION
 from gateway.proxy.paths import PASSTHROUGH_PATHS
 from gateway.reload import ConfigReloader
@@ -53,10 +55,14 @@ def build_app(
     """
     runtime = GatewayRuntime(config, transport=transport, shared=shared,
                              on_tokenizer_loaded=freeze_long_lived if freeze_gc else None)  # fmt: skip
+    limits = config.limits
+    loop_lag = EventLoopLag() if limits.max_event_loop_lag_s is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await runtime.start()
+        if loop_lag is not None:
+            loop_lag.start(asyncio.get_running_loop())
         if freeze_gc:
             freeze_long_lived()
         reloader = None
@@ -71,6 +77,8 @@ def build_app(
             # Lifespan state is what uvicorn hands its protocol (gateway.limits.protocol).
             yield {COUNT_REJECTION: count_rejection}
         finally:
+            if loop_lag is not None:
+                loop_lag.stop()
             if reloader is not None:
                 await reloader.stop()
             await runtime.stop()
@@ -89,10 +97,10 @@ def build_app(
     install_error_handlers(app)
     # Added before Admission, so inside it: the proxied routes are admitted like the rest.
     app.add_middleware(DirectRoutes, routes=dict.fromkeys((*PROXIED_ROUTES, *PASSTHROUGH_PATHS), proxied))
-    limits = config.limits
     app.add_middleware(
         Admission, max_requests=limits.max_concurrent_requests, api_keys=lambda: runtime.generation.api_keys,
         retry_after_s=limits.retry_after_s, on_reject=count_rejection,
+        loop_lag=loop_lag, max_loop_lag_s=limits.max_event_loop_lag_s or float("inf"),
     )  # fmt: skip
     return app
 

@@ -118,6 +118,14 @@ class LimitsConfig(_Strict):
     # Requests in flight per client API key (`server.api_keys` entries may set their own);
     # more get 429 at once. None: only the global cap.
     max_concurrent_requests_per_key: int | None = Field(default=None, ge=1)
+    # Requests tokenized and looked up at once (gateway.limits.routing_slots): a worker offered
+    # more prompts than its core routes refuses the excess with 503 at once rather than queue
+    # them, so those admitted keep their latency. None: no cap.
+    max_requests_routing: int | None = Field(default=8, ge=1)
+    # A worker whose event loop runs at least this far behind through a whole 0.1 s window
+    # (gateway.limits.loop_lag: more requests than it can even read and answer) refuses new
+    # ones with 503 until it catches up. None: never.
+    max_event_loop_lag_s: float | None = Field(default=0.02, gt=0)
     # Sent as Retry-After with every 503 and 429 above (whole seconds, as HTTP has it).
     retry_after_s: int = Field(default=1, ge=0)
 

@@ -9,7 +9,7 @@
     ├── PayloadTooLarge (413)
     ├── TooManyRequests (429)         the client's API key has its cap of requests in flight
     ├── ClientClosedRequest (499)     the client left (or was cut off) while sending its body
-    ├── Overloaded (503)              this worker has its cap of requests in flight
+    ├── Overloaded (503)              this worker has its cap of requests in flight, or routing
     ├── NoHealthyEndpoint (503)       the model exists but no engine can take it now
     └── UpstreamError (502)           an engine failed before answering
         ├── UpstreamConnectError (502)
@@ -30,10 +30,12 @@ class GatewayError(Exception):
     error_type = "internal_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None) -> None:
+        """`retry_after_s`: sent as `Retry-After` (a refusal the client may retry later)."""
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, self.code, self.param)
@@ -127,6 +129,8 @@ def error_body(message: str, error_type: str, code: str | None = None, param: st
 
 
 def error_response(exc: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if exc.retry_after_s is not None:
+        headers = {**(headers or {}), "retry-after": str(exc.retry_after_s)}
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 

@@ -76,7 +76,8 @@ class GatewayMetrics:
         # gateway.limits: what a worker refused to protect itself and its other clients.
         self.rejections = Counter(
             "gateway_rejections", "Connections and requests refused or cut off by a server limit, by reason: "
-            "connections, header_timeout, body_timeout, header_bytes, header_count, concurrency, key_concurrency.",
+            "connections, header_timeout, body_timeout, header_bytes, header_count, concurrency, key_concurrency, "
+            "routing_backlog, event_loop_lag.",
             ["reason"], registry=r,
         )  # fmt: skip
         self.client_disconnects = Counter(

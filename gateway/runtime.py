@@ -50,6 +50,7 @@ from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.memory import InMemoryIndex
 from gateway.kvindex.service import PrefixService
 from gateway.kvindex.working_set import WorkingSetTracker
+from gateway.limits.routing_slots import RoutingSlots
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.dispatcher import Dispatcher
 from gateway.proxy.response_affinity import ResponseAffinity
@@ -91,6 +92,10 @@ class GatewayRuntime:
         self._on_tokenizer_loaded = on_tokenizer_loaded
         kv = config.kv_index
         self.metrics = GatewayMetrics()
+        limits, rejections = config.limits, self.metrics.rejections
+        # Limits hold for the worker's life (a reload does not change them): one set of slots.
+        self.routing_slots = RoutingSlots(limits.max_requests_routing, limits.retry_after_s,
+                                          lambda reason: rejections.labels(reason).inc())  # fmt: skip
         self.layout = KVLayout(kv.block_size)
         self.working_sets = WorkingSetTracker(window_s=kv.working_set_window_s)
         el = config.elastic
@@ -357,7 +362,7 @@ class GatewayRuntime:
             )
         dispatcher = Dispatcher(
             plan.router, self.upstream.with_config(config.proxy), self.outlier, metrics, config.proxy,
-            prefix, self.cost_model, transfers, self.responses, self.store_model,
+            prefix, self.cost_model, transfers, self.responses, self.store_model, self.routing_slots,
         )  # fmt: skip
         return Generation(config, registry, plan.router, plan.estimator, plan.uses_prefix, prefix, transfers,
                           dispatcher, APIKeys(config.server.api_keys, config.limits.max_concurrent_requests_per_key))  # fmt: skip

@@ -1,6 +1,9 @@
 """Caps on requests in flight: for this worker (`limits.max_concurrent_requests` → 503) and per
 client API key (`limits.max_concurrent_requests_per_key`, or the key's own → 429), both with
-`Retry-After` and at once: a request over a cap waits for nothing.
+`Retry-After` and at once: a request over a cap waits for nothing. And on the worker's own
+backlog: while its event loop runs a standing `limits.max_event_loop_lag_s` behind
+(gateway.limits.loop_lag), new requests get 503 at once, so the worker catches up instead of
+every request's latency growing with a queue it cannot drain.
 
 An ASGI middleware, so a slot is held until the response's last byte (a stream included) and
 given back whatever happens. Operators' endpoints (`/health`, `/metrics`, `/admin/*`,
@@ -16,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.auth import APIKeys
 from gateway.errors import GatewayError, Overloaded, TooManyRequests, error_response
+from gateway.limits.loop_lag import EventLoopLag
 
 UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
 UNCOUNTED_PREFIXES = ("/admin/", "/debug/")
@@ -30,10 +34,15 @@ class Admission:
         api_keys: Callable[[], APIKeys],
         retry_after_s: int,
         on_reject: Callable[[str], None],
+        loop_lag: EventLoopLag | None = None,
+        max_loop_lag_s: float = float("inf"),
     ) -> None:
-        """`api_keys`: the keys in force now (a reload may change them, and their caps)."""
+        """`api_keys`: the keys in force now (a reload may change them, and their caps);
+        `loop_lag`: the worker's event-loop lag, refused past `max_loop_lag_s`."""
         self.app = app
         self._max_requests = max_requests
+        self._loop_lag = loop_lag
+        self._max_loop_lag_s = max_loop_lag_s
         self._in_flight = 0
         self._api_keys = api_keys
         # By the key itself: its position may change at a reload.
@@ -64,6 +73,10 @@ class Admission:
         if self._in_flight >= self._max_requests:
             await self._refuse(scope, receive, send, "concurrency", Overloaded(
                 "The gateway is at its limit of concurrent requests; retry shortly."))  # fmt: skip
+            return
+        if self._loop_lag is not None and self._loop_lag.standing_s > self._max_loop_lag_s:
+            await self._refuse(scope, receive, send, "event_loop_lag", Overloaded(
+                "The gateway is receiving more requests than it can process; retry shortly."))  # fmt: skip
             return
         self._in_flight += 1
         if key is not None:

@@ -30,6 +30,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.kvindex.service import PrefixService
+from gateway.limits.routing_slots import RoutingSlots
 from gateway.metrics import GatewayMetrics
 from gateway.proxy.paths import PASSTHROUGH_PATHS, RESPONSES_PATH
 from gateway.proxy.disaggregation import Disaggregation, FirstAttempt
@@ -78,8 +79,11 @@ class Dispatcher:
         transfers: KVTransferRunner | None = None,
         responses: ResponseAffinity | None = None,
         store_model: StoreLoadModel | None = None,
+        routing_slots: RoutingSlots | None = None,
     ) -> None:
+        """`routing_slots`: the worker's cap on prompts routed at once (shared by generations)."""
         self._router = router
+        self._routing_slots = routing_slots
         self._client = client
         self._outlier = outlier
         self._metrics = metrics
@@ -114,7 +118,11 @@ class Dispatcher:
         # the gateway tokenizes. A pinned request has its engine already, and its prompt
         # continues a conversation the engine stored, which the gateway never saw.
         if self._prefix is not None and request.api_path not in PASSTHROUGH_PATHS and request.pinned_engine is None:
-            await self._prefix.annotate(request)
+            if self._routing_slots is None:
+                await self._prefix.annotate(request)
+            else:
+                with self._routing_slots:
+                    await self._prefix.annotate(request)
         strip_usage = False
         if self._prefix is not None and request.stream and request.api_path in (CHAT_PATH, COMPLETIONS_PATH):
             body, strip_usage = ask_for_usage(request.body, body)

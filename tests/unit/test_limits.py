@@ -11,6 +11,7 @@ its deadline comes a whole timeout, 1 s, later or never)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import select
 import socket
@@ -128,11 +129,13 @@ class HeldEngines:
         self.release = threading.Event()
         self.release.set()
         self.held = 0
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gateway's, once it called
 
     def hold(self) -> None:
         self.release.clear()
 
     async def handler(self, request: httpx.Request) -> httpx.Response:
+        self.loop = asyncio.get_running_loop()
         if request.url.path == "/v1/completions" and not self.release.is_set():
             self.held += 1
             await asyncio.to_thread(self.release.wait, 30)
@@ -410,6 +413,64 @@ def test_a_key_at_its_cap_gets_429_while_other_keys_get_through(
     for thread, statuses in running:
         thread.join(10)
         assert statuses == [200]
+
+
+@contextlib.contextmanager
+def hogged(held: HeldEngines, gateway: GatewayServer) -> Iterator[None]:
+    """The gateway's event loop busy 30 ms on every pass: more requests than a core processes."""
+    assert httpx.post(f"{gateway.url}/v1/completions", json=COMPLETION).status_code == 200  # the loop, seen
+    loop = held.loop
+    assert loop is not None
+    hogging = threading.Event()
+    hogging.set()
+
+    def hog() -> None:
+        time.sleep(0.03)
+        if hogging.is_set():
+            loop.call_soon(hog)
+
+    loop.call_soon_threadsafe(hog)
+    try:
+        yield
+    finally:
+        hogging.clear()
+
+
+def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_answer(
+    gateway_factory: Callable[..., GatewayServer], held: HeldEngines
+) -> None:
+    """A standing 30 ms behind is over `max_event_loop_lag_s` (20 ms by default): requests are
+    refused until the loop catches up."""
+    gateway = gateway_factory({"retry_after_s": 2})
+    refused: list[httpx.Response] = []
+
+    def refused_once() -> bool:
+        response = httpx.post(f"{gateway.url}/v1/completions", json=COMPLETION, timeout=10)
+        assert response.status_code in (200, 503)
+        if response.status_code == 503:
+            refused.append(response)
+        return bool(refused)
+
+    with hogged(held, gateway):
+        wait_for(refused_once)
+        assert refused[0].headers["retry-after"] == "2"
+        assert refused[0].json()["error"]["code"] == "overloaded"
+        assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+        assert gateway.metric("gateway_rejections_total", reason="event_loop_lag") >= 1
+    wait_for(lambda: httpx.post(f"{gateway.url}/v1/completions", json=COMPLETION, timeout=10).status_code == 200)
+
+
+def test_with_no_loop_lag_cap_a_lagging_loop_refuses_nothing(
+    gateway_factory: Callable[..., GatewayServer], held: HeldEngines
+) -> None:
+    gateway = gateway_factory({"max_event_loop_lag_s": None})
+    with hogged(held, gateway):
+        started = time.monotonic()
+        # Each waits behind the hog at least once: 10 span more than three 0.1 s windows.
+        statuses = [httpx.post(f"{gateway.url}/v1/completions", json=COMPLETION, timeout=10).status_code
+                    for _ in range(10)]  # fmt: skip
+        assert time.monotonic() - started >= 0.3
+    assert statuses == [200] * 10
 
 
 # --- the CLI, several workers -------------------------------------------------------------------
