@@ -9,8 +9,8 @@ request gets 503 with `Retry-After` at once, before any tokenization, so the que
 and the requests admitted keep their latency.
 
 Measured (bench.overhead, 2k-token chats of which half continue a conversation, 200 req/s on a
-core that routes ~190): no cap, p50 18 ms and p99 137 ms added, none refused; a cap of 4, p50 6
-ms and p99 64 ms, 2 % refused with 503.
+core that routes ~190; the engines alone answer in 0.9 ms, p99 2 ms): no cap, latency p50 18 ms
+and p99 137 ms, none refused; a cap of 4, p50 6 ms and p99 64 ms, 2 % refused with 503.
 """
 
 from __future__ import annotations
