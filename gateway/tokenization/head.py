@@ -18,18 +18,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from gateway.tokenization.segments import SegmentEncoder
+
 _WHITESPACE = frozenset(" \t\n\r\f\v")
 
 
 class HeadEncoder:
-    def __init__(self, backend: Any, head_chars: int) -> None:
+    def __init__(self, backend: Any, head_chars: int, segments: SegmentEncoder | None = None) -> None:
         self._backend = backend  # a `tokenizers.Tokenizer`
         self.head_chars = head_chars
+        # Where exact, a head is the first whole words' cached ids (no encode, no offsets).
+        self._segments = segments
 
     @classmethod
-    def for_tokenizer(cls, backend: Any, probes: Iterable[str], head_chars: int) -> HeadEncoder | None:
+    def for_tokenizer(
+        cls, backend: Any, probes: Iterable[str], head_chars: int, segments: SegmentEncoder | None = None
+    ) -> HeadEncoder | None:
         """An encoder whose heads equal the full encoding on every probe, cut anywhere."""
-        encoder = cls(backend, head_chars)
+        encoder = cls(backend, head_chars, segments)
         for text in probes:
             for special in (False, True):
                 whole = backend.encode(text, add_special_tokens=special).ids
@@ -45,6 +51,10 @@ class HeadEncoder:
         enough to encode whole, or offers no word boundary to cut at."""
         if len(text) < 2 * self.head_chars:
             return None
+        if self._segments is not None and not add_special_tokens:
+            found = self._segments.head(text, self.head_chars)
+            if found is not None:
+                return found[0].tolist()
         return self._head(text, self.head_chars, add_special_tokens)
 
     def _head(self, text: str, limit: int, add_special_tokens: bool) -> list[int] | None:

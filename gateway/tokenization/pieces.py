@@ -20,10 +20,11 @@ import re
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gateway.tokenization.head import HeadEncoder
+from gateway.tokenization.segments import SegmentEncoder
 
 # Pieces shorter than this are kept apart, in a small table that is emptied when full: most
 # are a template's own text between its special tokens ("user", "assistant", "\n\n"), the
@@ -34,8 +35,13 @@ MAX_SHORT_PIECES = 4096
 
 
 class PieceEncoder:
-    def __init__(self, backend: Any, specials: dict[str, int], *, max_cached_tokens: int = 4_000_000) -> None:
+    def __init__(
+        self, backend: Any, specials: dict[str, int], *, max_cached_tokens: int = 4_000_000,
+        segments: SegmentEncoder | None = None,
+    ) -> None:  # fmt: skip
         self._backend = backend  # a `tokenizers.Tokenizer`
+        # Where exact (gateway.tokenization.segments), a piece's text is encoded from cached words.
+        self._segments = segments
         self._specials = specials
         # Longest first, so a special token that contains another one wins.
         names = sorted(specials, key=len, reverse=True)
@@ -130,7 +136,7 @@ class PieceEncoder:
                     if head_ids is not None:
                         ids.extend(head_ids)
                         return ids, num_chars + head.head_chars
-                    ids.extend(self._backend.encode(piece, add_special_tokens=False).ids)
+                    ids.extend(self._encode_one(piece))
                     new_chars += len(piece)
                     if new_chars >= head.head_chars:
                         return ids, num_chars + len(piece)
@@ -138,17 +144,23 @@ class PieceEncoder:
         return None
 
     def _encode_missing(self, pieces: list[str]) -> dict[str, array[int]]:
-        """Encode the long pieces not cached yet, in one `encode_batch` call: it releases the
-        GIL (plain `encode` does not, measured: a worker thread running it stalled the event
-        loop for whole encodes) and spreads the pieces over the tokenizer's threads."""
+        """Encode the long pieces not cached yet: from cached words where that is exact (the
+        words never seen go to the tokenizer in one batch), else in one `encode_batch` call.
+        Either way the tokenizer runs in `encode_batch`, which releases the GIL (plain `encode`
+        does not, measured: a worker thread running it stalled the event loop for whole
+        encodes)."""
         with self._lock:
             missing = list(dict.fromkeys(
                 p for p in pieces if len(p) >= MIN_CACHED_CHARS and p not in self._specials and p not in self._cache
             ))  # fmt: skip
         if not missing:
             return {}
-        encodings = self._backend.encode_batch(missing, add_special_tokens=False)
-        fresh = {piece: array("I", encoding.ids) for piece, encoding in zip(missing, encodings)}
+        segments = self._segments
+        if segments is not None:
+            fresh = {piece: segments.encode(piece) for piece in missing}
+        else:
+            encodings = self._backend.encode_batch(missing, add_special_tokens=False)
+            fresh = {piece: array("I", encoding.ids) for piece, encoding in zip(missing, encodings)}
         with self._lock:
             self.misses += len(fresh)
             for piece, encoded in fresh.items():
@@ -163,7 +175,7 @@ class PieceEncoder:
     def _short_ids(self, piece: str) -> list[int]:
         found = self._short.get(piece)
         if found is None:
-            found = self._backend.encode(piece, add_special_tokens=False).ids
+            found = list(self._encode_one(piece))
             if len(self._short) >= MAX_SHORT_PIECES:
                 self._short.clear()  # a dict's get and set hold the GIL: no lock needed
             self._short[piece] = found
@@ -177,4 +189,10 @@ class PieceEncoder:
                 self.hits += 1
                 return found
         # Evicted since `_encode_missing` looked (a cache smaller than one prompt): encode again.
-        return array("I", self._backend.encode(piece, add_special_tokens=False).ids)
+        return array("I", self._encode_one(piece))
+
+    def _encode_one(self, piece: str) -> Sequence[int]:
+        if self._segments is not None:
+            return self._segments.encode(piece)
+        ids: list[int] = self._backend.encode(piece, add_special_tokens=False).ids
+        return ids

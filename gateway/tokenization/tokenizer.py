@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.tokenization.head import HeadEncoder
+from gateway.tokenization.segments import SegmentEncoder
 from gateway.tokenization.pieces import PieceEncoder
 from gateway.tokenization.prompt import (
     CHAT_PATH,
@@ -97,15 +98,20 @@ class HFPromptTokenizer:
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize-idle", initializer=_lowest_priority)
         self._offload_min_chars = offload_min_chars
         # The Rust tokenizer called directly where it gives what transformers' wrapper gives
-        # (it costs a third to a half as much), and chats encoded from cached pieces where
-        # that is exact (gateway.tokenization.pieces).
+        # (it costs a third to a half as much), and chats encoded from cached pieces, their
+        # texts from cached words, where that is exact (gateway.tokenization.pieces, .segments).
         self._backend = _same_as_wrapper(self._tokenizer)
-        self._pieces = PieceEncoder.for_tokenizer(self._tokenizer, self._probe_texts()) if self._backend else None
+        segments = SegmentEncoder.for_tokenizer(self._backend, _SEGMENT_PROBES) if self._backend else None
+        self._pieces = (
+            PieceEncoder.for_tokenizer(self._tokenizer, self._probe_texts(), segments=segments)
+            if self._backend else None
+        )  # fmt: skip
         self._heads = (
-            HeadEncoder.for_tokenizer(self._backend, [_PROBE_TEXT * 4, _PROBE_CODE], head_chars)
+            HeadEncoder.for_tokenizer(self._backend, [_PROBE_TEXT * 4, _PROBE_CODE], head_chars, segments)
             if self._backend is not None and head_chars > 0 else None
         )  # fmt: skip
         self._num_heads = 0
+        self._num_piecewise = 0
         self._backlog_lock = threading.Lock()
         self._backlog_chars = 0  # text submitted to `_background`, not encoded yet
 
@@ -141,55 +147,71 @@ class HFPromptTokenizer:
             if heads is not None and enough is not None:
                 found = pieces.encode_head(split, heads)
                 if found is not None and enough(found[0]):
-                    return self._head(found[0], found[1], sum(map(len, split)), lambda: pieces.encode_pieces(split),
-                                      warm_pieces=True)  # fmt: skip
+                    return self._head(found[0], found[1], "".join(split), False, lambda: pieces.encode_pieces(split))
             if pieces.uncached_chars(split) < self._offload_min_chars:
-                return _whole(pieces.encode_pieces(split))
-            return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split))
+                ids = pieces.encode_pieces(split)
+            else:
+                ids = await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split)
+            self._num_piecewise += 1
+            if self._num_piecewise % _CHECK_EVERY == 1:
+                self._check_later("".join(split), False, ids, complete=True)
+            return _whole(ids)
         if isinstance(prompt, TextPrompt) and heads is not None and enough is not None:
             text = prompt.text
             head_ids = heads.head_ids(text, add_special_tokens=True)
             if head_ids is not None and enough(head_ids):
-                return self._head(head_ids, heads.head_chars, len(text), lambda: self._encode(text, True),
-                                  warm_pieces=False)  # fmt: skip
+                return self._head(head_ids, heads.head_chars, text, True, None)
         if _prompt_chars(prompt) < self._offload_min_chars:
             return _whole(self.encode(prompt))
         return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt))
 
     def _head(
-        self, head_ids: list[int], head_chars: int, total_chars: int, encode_all: Callable[[], Sequence[int]], *,
-        warm_pieces: bool,
-    ) -> PromptTokens:
-        """`head_ids` stands for the prompt. The whole is encoded in a worker thread after all
-        when `warm_pieces` (a chat: its pieces are cached for the conversation's next turn,
-        which will match beyond this head), else for one head in `_VERIFY_HEADS_EVERY`; the
-        head is checked against it, and heads are turned off at a difference."""
+        self, head_ids: list[int], head_chars: int, text: str, add_special_tokens: bool,
+        warm_up: Callable[[], object] | None,
+    ) -> PromptTokens:  # fmt: skip
+        """`head_ids` stands for the prompt `text`. A chat's `warm_up` (encoding all its pieces,
+        which caches them for the conversation's next turn: it will match beyond this head)
+        runs on idle cycles; one head in `_CHECK_EVERY` is checked against the tokenizer's own
+        encoding."""
         self._num_heads += 1
-        verify = self._num_heads % _VERIFY_HEADS_EVERY == 1
-        with self._backlog_lock:
-            # Warm-ups run on idle cycles: when more new text arrives than those encode (cold
-            # 16k-token chats back to back), they are skipped rather than queued without end.
-            warm = warm_pieces and self._backlog_chars + total_chars <= _MAX_BACKLOG_CHARS
-            if warm or verify:
-                self._backlog_chars += total_chars
-        if warm or verify:
-            check = self._background.submit(encode_all)
-            check.add_done_callback(lambda done: self._background_done(
-                head_ids, total_chars, None if done.cancelled() or done.exception() else done.result()
-            ))  # fmt: skip
-        estimate = max(len(head_ids) + 1, round(len(head_ids) * total_chars / max(head_chars, 1)))
+        if warm_up is not None and self._reserve_backlog(len(text)):
+            self._in_background(len(text), warm_up)
+        if self._num_heads % _CHECK_EVERY == 1:
+            self._check_later(text, add_special_tokens, head_ids, complete=False)
+        estimate = max(len(head_ids) + 1, round(len(head_ids) * len(text) / max(head_chars, 1)))
         return PromptTokens(head_ids, estimate, complete=False)
 
-    def _background_done(self, head_ids: list[int], total_chars: int, whole: Sequence[int] | None) -> None:
+    def _reserve_backlog(self, num_chars: int) -> bool:
+        """Room for `num_chars` more of background encoding. Warm-ups run on idle cycles: when
+        more new text arrives than those encode (cold 16k-token chats back to back), they are
+        skipped rather than queued without end."""
         with self._backlog_lock:
-            self._backlog_chars -= total_chars
-        self._verify_head(head_ids, whole)
+            if self._backlog_chars + num_chars > _MAX_BACKLOG_CHARS:
+                return False
+            self._backlog_chars += num_chars
+            return True
 
-    def _verify_head(self, head_ids: list[int], whole: Sequence[int] | None) -> None:
-        if whole is not None and list(whole[: len(head_ids)]) != head_ids:
-            self._heads = None
-            logger.warning("tokenizer %s: a prompt's head encoded alone differs from its start encoded whole; "
-                           "long prompts are encoded whole from now on", self.source)  # fmt: skip
+    def _in_background(self, num_chars: int, work: Callable[[], object]) -> None:
+        def release(_: object) -> None:
+            with self._backlog_lock:
+                self._backlog_chars -= num_chars
+
+        self._background.submit(work).add_done_callback(release)
+
+    def _check_later(self, text: str, add_special_tokens: bool, ids: Sequence[int], *, complete: bool) -> None:
+        """Compare `ids` (all of `text`'s encoding, or its start) with the tokenizer's own
+        encoding of `text`, on idle cycles."""
+        if self._reserve_backlog(len(text)):
+            self._in_background(len(text), lambda: self._verify(ids, self._encode(text, add_special_tokens), complete))
+
+    def _verify(self, ids: Sequence[int], whole: Sequence[int], complete: bool) -> None:
+        """At a difference, pieces, words and heads are turned off: prompts are encoded whole."""
+        if list(whole[: len(ids)]) == list(ids) and (not complete or len(whole) == len(ids)):
+            return
+        self._pieces = None
+        self._heads = None
+        logger.warning("tokenizer %s: a prompt encoded from cached pieces, words or its head differs from its "
+                       "encoding whole; prompts are encoded whole from now on", self.source)  # fmt: skip
 
     def token_ids_sync(self, api_path: str, body: dict[str, Any]) -> list[int] | None:
         prompt = prompt_of(api_path, body)
@@ -234,8 +256,9 @@ class HFPromptTokenizer:
         self._background.shutdown(wait=False, cancel_futures=True)
 
 
-# One head in this many is checked against the whole encoding (in a worker thread).
-_VERIFY_HEADS_EVERY = 64
+# One prompt in this many encoded from pieces, and one head in this many, is checked against
+# the tokenizer's own encoding (on idle cycles).
+_CHECK_EVERY = 64
 # Text waiting for a background encode, at most (~70 16k-token chats; ~1 s of encoding for
 # the test model's tokenizer at ~0.24 µs per character). The thread takes idle cycles only
 # (SCHED_IDLE), so a longer queue costs no request time; a conversation whose first turn was
@@ -290,6 +313,14 @@ _PROBE_CHAT = ChatPrompt(messages=[
     {"role": "assistant", "content": "Because.\n\n"},
     {"role": "user", "content": _PROBE_TEXT},
 ])  # fmt: skip
+# Where a pre-tokenizer could join a word to the space before it: after punctuation, digits,
+# contractions, other scripts and other whitespace, and spaces at either end.
+_SEGMENT_PROBES = [
+    _PROBE_TEXT * 3,
+    _PROBE_CODE,
+    " x  y   z \t w\n v \r\n u\u00a0t \u3000s ½ 2 3.5 -1 'll 's don't I'M   you've  ?!  …  ",
+    "a.b, c; d: (e) [f] {g} \"h\" 'i' <j> k/l m\\n o|p q_r s-t u+v 12 345 6789 x 漢字 かな 🚀🚀 é ß ",
+]
 
 
 def _same_as_wrapper(tokenizer: Any) -> Any:

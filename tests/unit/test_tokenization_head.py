@@ -148,13 +148,18 @@ def test_a_new_prompt_is_routed_on_its_head_and_a_known_one_on_all_of_it(tokeniz
     assert warm.prefix_matches[EngineId("a")].num_chunks == len(all_keys) // 2
 
 
-def test_a_head_found_to_differ_while_serving_turns_heads_off(tiny_model_dir: Path) -> None:
+def test_an_encoding_found_to_differ_while_serving_turns_the_shortcuts_off(tiny_model_dir: Path) -> None:
     tokenizer = HFPromptTokenizer(tiny_model_dir)
-    assert tokenizer._heads is not None
-    tokenizer._verify_head([1, 2, 3], [1, 2, 3, 4])
-    assert tokenizer._heads is not None
-    tokenizer._verify_head([1, 2, 3], [1, 2, 4, 4])
-    assert tokenizer._heads is None
+    assert tokenizer._heads is not None and tokenizer._pieces is not None
+    tokenizer._verify([1, 2, 3], [1, 2, 3, 4], complete=False)  # a head: the start is enough
+    tokenizer._verify([1, 2, 3], [1, 2, 3], complete=True)
+    assert tokenizer._heads is not None and tokenizer._pieces is not None
+    tokenizer._verify([1, 2, 3], [1, 2, 3, 4], complete=True)  # a whole prompt short of a token
+    assert tokenizer._heads is None and tokenizer._pieces is None
+    chat = {"messages": [{"role": "system", "content": "x " * 3000}]}
+    whole = tokenizer._tokenizer.encode(tokenizer._render(ChatPrompt(chat["messages"])), add_special_tokens=False)
+    assert asyncio.run(tokenizer.token_ids("m", CHAT_PATH, chat)) == whole  # encoded whole, still right
+    tokenizer.close()
 
 
 def test_an_engine_reporting_more_than_the_head_teaches_the_whole_prefix(tokenizer: HFPromptTokenizer) -> None:

@@ -1,0 +1,85 @@
+"""Texts encoded from cached words give exactly the tokenizer's ids, and the encoder refuses
+tokenizers for which that would not hold."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+from gateway.tokenization.segments import SLICE_CHARS, SegmentEncoder, _slices, split_words
+from gateway.tokenization.tokenizer import _SEGMENT_PROBES
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+
+
+def texts(seed: int, count: int) -> list[str]:
+    """Prose, code and whitespace mixed at random: every kind of character beside a space."""
+    parts = ["ka", "lo", "Mi", " ", " ", " ", "\n", "\n\n", "\t", "  ", "   ", "漢字", "🚀", "é", "42", "7", ".", ",",
+             "'s", "'ll", "(", ")", "{", "\u00a0", "\u3000", "½", "-", "_", "\r\n", "    def"]  # fmt: skip
+    rng = random.Random(seed)
+    return ["".join(rng.choice(parts) for _ in range(rng.randint(0, 400))) for _ in range(count)]
+
+
+def test_words_join_back_to_the_text() -> None:
+    for text in [*texts(1, 200), "", " ", "  ", "a", " a ", "a  b", "\n a"]:
+        assert " ".join(split_words(text)) == text
+
+
+def test_encodings_equal_the_tokenizers_on_varied_text(backend: Tokenizer) -> None:
+    encoder = SegmentEncoder.for_tokenizer(backend, _SEGMENT_PROBES)
+    assert encoder is not None  # the test model's byte-level BPE cuts pre-tokens before spaces
+    for text in texts(2, 300) * 2:  # twice: the second time every word comes from the tables
+        assert encoder.encode(text).tolist() == backend.encode(text, add_special_tokens=False).ids
+    assert encoder._spaced and encoder._first
+
+
+def test_a_head_is_the_start_of_the_whole_encoding(backend: Tokenizer) -> None:
+    encoder = SegmentEncoder(backend)
+    for text in texts(3, 100):
+        whole = backend.encode(text, add_special_tokens=False).ids
+        found = encoder.head(text, 64)
+        if found is None:
+            assert " " not in text[1:65]  # no word ends within the limit
+            continue
+        ids, num_chars = found
+        assert num_chars <= 64 and ids.tolist() == whole[: len(ids)]
+        assert ids.tolist() == backend.encode(text[:num_chars], add_special_tokens=False).ids
+
+
+def test_the_tables_are_bounded(backend: Tokenizer) -> None:
+    encoder = SegmentEncoder(backend, max_cached_words=50)
+    for text in texts(4, 40):
+        assert encoder.encode(text).tolist() == backend.encode(text, add_special_tokens=False).ids
+        assert len(encoder._spaced) <= 50 and len(encoder._first) <= 50
+    long_word = "x" * 1000
+    encoder.encode("a " + long_word)
+    assert long_word not in encoder._spaced  # text without spaces is encoded, not kept
+
+
+def test_tokenizers_where_words_are_not_exact_are_refused() -> None:
+    vocab = {c: i for i, c in enumerate("abcdefghij ▁")}
+    # SentencePiece-style: every text gets "▁" in front, so " b" alone is not " b" after "a".
+    metaspace = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    metaspace.normalizer = normalizers.Prepend("▁")
+    metaspace.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    assert SegmentEncoder.for_tokenizer(metaspace, ["ab cd e"]) is None
+    # A token for a run of spaces: a cut could fall inside it.
+    spaces = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    spaces.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    spaces.add_tokens([AddedToken("  ", normalized=False)])
+    assert SegmentEncoder.for_tokenizer(spaces, ["ab cd e"]) is None
+
+
+def test_a_long_text_encoded_off_the_event_loop_slice_by_slice_is_exact(backend: Tokenizer) -> None:
+    encoder = SegmentEncoder(backend)
+    for text in texts(5, 40):
+        long_text = text * 40  # several slices, cut wherever a word starts
+        slices = list(_slices(long_text, SLICE_CHARS))
+        assert "".join(slices) == long_text and (len(slices) > 1 or len(long_text) < 2 * SLICE_CHARS)
+        assert encoder.encode(long_text).tolist() == backend.encode(long_text, add_special_tokens=False).ids
