@@ -925,8 +925,11 @@ async def soak_phase(args: argparse.Namespace, f: Fleet, url: str, pid: int) -> 
             while now >= next_window and next_window <= args.duration_s + 1e-9:
                 result.windows.append(close_window(len(result.windows), next_window, last))
                 next_window += args.window_s
-            if at >= args.duration_s:
-                break
+            if at >= args.duration_s:  # nothing more to send: the windows still run to the end
+                if next_window > args.duration_s + 1e-9:
+                    break
+                await asyncio.sleep(max(0.0, next_window - now))
+                continue
             wait = min(at, next_window) - now
             if wait > 0.0005:
                 await asyncio.sleep(wait)

@@ -82,24 +82,46 @@ class SegmentEncoder:
         self._spaced: dict[str, bytes] = {}
         self._first: dict[str, bytes] = {}
         self._max_cached_words = max_cached_words
+        # What encoding with special tokens puts around a text (a BOS before, an EOS after),
+        # where that is all it adds.
+        self._affixes: tuple[list[int], list[int]] | None = None
 
     @classmethod
     def for_tokenizer(cls, backend: Any, probes: Iterable[str]) -> SegmentEncoder | None:
         """An encoder whose encodings equal the tokenizer's on every probe, or None. A tokenizer
         with an added token that holds a space (runs of spaces as tokens, in some code models)
-        gets None: a cut could fall inside it."""
-        if any(" " in token.content for token in backend.get_added_tokens_decoder().values()):
-            return None
+        or strips the spaces beside it gets None: a cut could fall inside it, or the space it
+        would strip start another word."""
+        for token in backend.get_added_tokens_decoder().values():
+            if " " in token.content or token.lstrip or token.rstrip or token.single_word:
+                return None
         encoder = cls(backend)
         for text in probes:
             if encoder.encode(text).tolist() != backend.encode(text, add_special_tokens=False).ids:
                 return None
+        encoder._affixes = _affixes(backend)
+        for text in probes:
+            if encoder._affixes is None:
+                break
+            if encoder.encode(text, add_special_tokens=True).tolist() != backend.encode(text).ids:
+                encoder._affixes = None
         encoder._spaced.clear()
         encoder._first.clear()
         return encoder
 
-    def encode(self, text: str) -> array[int]:
-        """The ids `backend.encode(text, add_special_tokens=False)` gives."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> array[int]:
+        """The ids `backend.encode(text, add_special_tokens=add_special_tokens)` gives."""
+        if not add_special_tokens:
+            return self._encode_text(text)
+        if self._affixes is None:  # a post-processor that does more than add ids around the text
+            return array("I", self._encode_batch([text], add_special_tokens=True)[0].ids)
+        before, after = self._affixes
+        ids = array("I", before)
+        ids.extend(self._encode_text(text))
+        ids.extend(after)
+        return ids
+
+    def _encode_text(self, text: str) -> array[int]:
         if len(text) <= SLICE_CHARS or _on_event_loop():
             return self.encode_words(split_words(text))
         ids = array("I")
@@ -140,3 +162,17 @@ class SegmentEncoder:
         if len(kept) <= self._max_cached_words:
             table.update(kept)
         return fresh
+
+
+_AFFIX_PROBE = "Hello world, and more."
+
+
+def _affixes(backend: Any) -> tuple[list[int], list[int]] | None:
+    """The ids encoding with special tokens adds before and after a text's own, or None
+    where it does something else to them."""
+    bare: list[int] = backend.encode(_AFFIX_PROBE, add_special_tokens=False).ids
+    full: list[int] = backend.encode(_AFFIX_PROBE, add_special_tokens=True).ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return None

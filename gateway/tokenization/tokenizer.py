@@ -102,6 +102,7 @@ class HFPromptTokenizer:
         # texts from cached words, where that is exact (gateway.tokenization.pieces, .segments).
         self._backend = _same_as_wrapper(self._tokenizer)
         segments = SegmentEncoder.for_tokenizer(self._backend, _SEGMENT_PROBES) if self._backend else None
+        self._segments = segments
         self._pieces = (
             PieceEncoder.for_tokenizer(self._tokenizer, self._probe_texts(), segments=segments)
             if self._backend else None
@@ -111,7 +112,7 @@ class HFPromptTokenizer:
             if self._backend is not None and head_chars > 0 else None
         )  # fmt: skip
         self._num_heads = 0
-        self._num_piecewise = 0
+        self._num_sampled = 0
         self._backlog_lock = threading.Lock()
         self._backlog_chars = 0  # text submitted to `_background`, not encoded yet
 
@@ -152,9 +153,7 @@ class HFPromptTokenizer:
                 ids = pieces.encode_pieces(split)
             else:
                 ids = await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split)
-            self._num_piecewise += 1
-            if self._num_piecewise % _CHECK_EVERY == 1:
-                self._check_later("".join(split), False, ids, complete=True)
+            self._sample("".join(split), False, ids)
             return _whole(ids)
         if isinstance(prompt, TextPrompt) and heads is not None and enough is not None:
             text = prompt.text
@@ -162,8 +161,12 @@ class HFPromptTokenizer:
             if head_ids is not None and enough(head_ids):
                 return self._head(head_ids, heads.head_chars, text, True, None)
         if _prompt_chars(prompt) < self._offload_min_chars:
-            return _whole(self.encode(prompt))
-        return _whole(await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt))
+            whole = self.encode(prompt)
+        else:
+            whole = await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt)
+        if isinstance(prompt, TextPrompt) and self._segments is not None:
+            self._sample(prompt.text, True, whole)
+        return _whole(whole)
 
     def _head(
         self, head_ids: list[int], head_chars: int, text: str, add_special_tokens: bool,
@@ -198,11 +201,18 @@ class HFPromptTokenizer:
 
         self._background.submit(work).add_done_callback(release)
 
+    def _sample(self, text: str, add_special_tokens: bool, ids: Sequence[int]) -> None:
+        """One encoding in `_CHECK_EVERY` made from cached pieces or words is checked."""
+        self._num_sampled += 1
+        if self._num_sampled % _CHECK_EVERY == 1:
+            self._check_later(text, add_special_tokens, ids, complete=True)
+
     def _check_later(self, text: str, add_special_tokens: bool, ids: Sequence[int], *, complete: bool) -> None:
         """Compare `ids` (all of `text`'s encoding, or its start) with the tokenizer's own
         encoding of `text`, on idle cycles."""
         if self._reserve_backlog(len(text)):
-            self._in_background(len(text), lambda: self._verify(ids, self._encode(text, add_special_tokens), complete))
+            self._in_background(len(text), lambda: self._verify(ids, self._encode_plain(text, add_special_tokens),
+                                                                complete))  # fmt: skip
 
     def _verify(self, ids: Sequence[int], whole: Sequence[int], complete: bool) -> None:
         """At a difference, pieces, words and heads are turned off: prompts are encoded whole."""
@@ -210,6 +220,7 @@ class HFPromptTokenizer:
             return
         self._pieces = None
         self._heads = None
+        self._segments = None
         logger.warning("tokenizer %s: a prompt encoded from cached pieces, words or its head differs from its "
                        "encoding whole; prompts are encoded whole from now on", self.source)  # fmt: skip
 
@@ -242,6 +253,13 @@ class HFPromptTokenizer:
         return str(text)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        segments = self._segments
+        if segments is not None:
+            return segments.encode(text, add_special_tokens).tolist()
+        return self._encode_plain(text, add_special_tokens)
+
+    def _encode_plain(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The tokenizer's own encoding, nothing cached."""
         if self._backend is not None:
             # encode_batch, not encode: it releases the GIL when this runs in a worker thread.
             return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)

@@ -7,10 +7,10 @@ import random
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from gateway.tokenization.segments import SLICE_CHARS, SegmentEncoder, _slices, split_words
-from gateway.tokenization.tokenizer import _SEGMENT_PROBES
+from gateway.tokenization.tokenizer import _SEGMENT_PROBES, COMPLETIONS_PATH, HFPromptTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +83,30 @@ def test_a_long_text_encoded_off_the_event_loop_slice_by_slice_is_exact(backend:
         slices = list(_slices(long_text, SLICE_CHARS))
         assert "".join(slices) == long_text and (len(slices) > 1 or len(long_text) < 2 * SLICE_CHARS)
         assert encoder.encode(long_text).tolist() == backend.encode(long_text, add_special_tokens=False).ids
+
+
+def test_special_tokens_around_a_text_are_the_tokenizers(backend: Tokenizer) -> None:
+    encoder = SegmentEncoder.for_tokenizer(backend, _SEGMENT_PROBES)
+    assert encoder is not None and encoder._affixes == ([backend.token_to_id("<|begin_of_text|>")], [])
+    for text in ["", *texts(6, 50)]:
+        assert encoder.encode(text, add_special_tokens=True).tolist() == backend.encode(text).ids
+    # A post-processor that adds ids on both sides.
+    both = Tokenizer.from_str(backend.to_str())
+    both.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[
+        ("<|begin_of_text|>", backend.token_to_id("<|begin_of_text|>")),
+        ("<|end_of_text|>", backend.token_to_id("<|end_of_text|>")),
+    ])  # fmt: skip
+    encoder = SegmentEncoder.for_tokenizer(both, _SEGMENT_PROBES)
+    assert encoder is not None and encoder._affixes is not None and encoder._affixes[1]
+    for text in texts(7, 50):
+        assert encoder.encode(text, add_special_tokens=True).tolist() == both.encode(text).ids
+
+
+def test_prompt_tokenizer_encodes_completions_and_chats_from_words_exactly(tiny_model_dir: Path) -> None:
+    tokenizer = HFPromptTokenizer(tiny_model_dir)
+    assert tokenizer._segments is not None
+    for text in texts(8, 30):
+        whole = tokenizer._tokenizer.encode(text)  # transformers' own, special tokens added
+        assert tokenizer.token_ids_sync(COMPLETIONS_PATH, {"prompt": text}) == whole
+    assert tokenizer._segments._spaced  # encoded from words, not whole
+    tokenizer.close()
