@@ -19,12 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from bench.fake_engine import FakeEngine
+from gateway.api.auth import APIKeys
+from gateway.limits.admission import ARRIVALS_WINDOW_S, MIN_ARRIVALS_FOR_LAG, Admission
+from gateway.limits.loop_lag import EventLoopLag
 from tests.harness import GatewayProcess, GatewayServer, fake_engine_in_thread, gateway_config
 from tests.unit.fake_engines import Engines
 
@@ -437,10 +441,14 @@ def hogged(held: HeldEngines, gateway: GatewayServer) -> Iterator[None]:
 
 
 def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_answer(
-    gateway_factory: Callable[..., GatewayServer], held: HeldEngines
+    gateway_factory: Callable[..., GatewayServer], held: HeldEngines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A standing 30 ms behind is over `max_event_loop_lag_s` (20 ms by default): requests are
-    refused until the loop catches up."""
+    """A standing 30 ms behind is over `max_event_loop_lag_s` (20 ms by default): while
+    requests keep arriving, new ones are refused until the loop catches up. (Here every
+    arrival counts as a backlog: a test client behind a loop that slow cannot send the
+    `MIN_ARRIVALS_FOR_LAG` a real overload does; `test_admission_counts_lag_only_while_requests_keep_arriving`
+    covers that condition.)"""
+    monkeypatch.setattr("gateway.limits.admission.MIN_ARRIVALS_FOR_LAG", 1)
     gateway = gateway_factory({"retry_after_s": 2})
     refused: list[httpx.Response] = []
 
@@ -460,10 +468,55 @@ def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_ans
     wait_for(lambda: httpx.post(f"{gateway.url}/v1/completions", json=COMPLETION, timeout=10).status_code == 200)
 
 
-def test_with_no_loop_lag_cap_a_lagging_loop_refuses_nothing(
-    gateway_factory: Callable[..., GatewayServer], held: HeldEngines
+class StandingLag:
+    standing_s = 0.05
+
+
+def test_admission_counts_lag_only_while_requests_keep_arriving() -> None:
+    """Behind a lagging loop, a few requests now and then are admitted; once
+    `MIN_ARRIVALS_FOR_LAG` arrive within a window and the one before, the rest are refused."""
+    reasons: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
+                          on_reject=reasons.append, loop_lag=cast(EventLoopLag, StandingLag()),
+                          max_loop_lag_s=0.02)  # fmt: skip
+
+    async def one() -> int:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await admission({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
+        return int(sent[0]["status"])
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        spaced = []
+        for _ in range(4):  # one each 2.5 windows: never a backlog
+            spaced.append(await one())
+            await asyncio.sleep(2.5 * ARRIVALS_WINDOW_S)
+        burst = [await one() for _ in range(MIN_ARRIVALS_FOR_LAG + 4)]
+        return spaced, burst
+
+    spaced, burst = asyncio.run(scenario())
+    assert spaced == [200] * 4
+    assert burst == [200] * (MIN_ARRIVALS_FOR_LAG - 1) + [503] * 5 and reasons == ["event_loop_lag"] * 5
+
+
+@pytest.mark.parametrize("limits", [{"max_event_loop_lag_s": None}, {}], ids=["no-cap", "sequential"])
+def test_a_lagging_loop_refuses_nothing_without_a_cap_or_a_backlog(
+    gateway_factory: Callable[..., GatewayServer], held: HeldEngines, limits: dict[str, Any]
 ) -> None:
-    gateway = gateway_factory({"max_event_loop_lag_s": None})
+    """With no cap, nothing is refused; with the default cap, a sequential client is not
+    either: one request at a time is no backlog, whatever else keeps the loop behind."""
+    gateway = gateway_factory(limits)
     with hogged(held, gateway):
         started = time.monotonic()
         # Each waits behind the hog at least once: 10 span more than three 0.1 s windows.
