@@ -24,10 +24,11 @@ from gateway.errors import GatewayError, Overloaded, TooManyRequests, error_resp
 from gateway.limits.loop_lag import EventLoopLag
 
 UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
+UNCOUNTED_PREFIXES = ("/admin/", "/debug/")
 # A lagging loop is a backlog of requests only while they keep arriving: at least this many
-# within the last one to two `ARRIVALS_WINDOW_S` (80-160 per second). Behind a loop 20 ms late,
-# a client sending one request at a time sends fewer than 10 per 0.2 s, so a few such clients
-# are never refused: their lag is the worker's own work (a tokenizer loading) or a CPU that
+# arriving while it lags, within the last one to two `ARRIVALS_WINDOW_S` (80-160 per second).
+# Behind a loop 20 ms late, a client sending one request at a time sends fewer than 10 per
+# 0.2 s, so a few such clients are never refused: their lag is the worker's own work (a tokenizer loading) or a CPU that
 # other processes hold, and refusing would turn a slow answer into none (a sequential test
 # client was refused while a fresh worker loaded its tokenizer on a busy machine). Requests in
 # flight are no such measure: in an overload the backlog waits before admission, and with
@@ -35,7 +36,6 @@ UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
 # requests of 5,000 (bench.overhead at 1,000 req/s, against none without that condition).
 MIN_ARRIVALS_FOR_LAG = 16
 ARRIVALS_WINDOW_S = 0.1
-UNCOUNTED_PREFIXES = ("/admin/", "/debug/")
 
 
 class Admission:
@@ -112,7 +112,8 @@ class Admission:
                     del self._key_in_flight[key]
 
     def _recent_arrivals(self) -> int:
-        """Requests counted in this window and the one before, this one included."""
+        """Requests that found the loop lagging in this window and the one before, this one
+        included (counted only then: no clock read per request while the loop keeps up)."""
         now = time.monotonic()
         if now - self._window_started_s >= ARRIVALS_WINDOW_S:
             recent = now - self._window_started_s < 2 * ARRIVALS_WINDOW_S
