@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.tokenization.head import HeadEncoder
-from gateway.tokenization.segments import SegmentEncoder
 from gateway.tokenization.pieces import PieceEncoder
 from gateway.tokenization.prompt import (
     CHAT_PATH,
@@ -33,6 +32,7 @@ from gateway.tokenization.prompt import (
     TokenPrompt,
     prompt_of,
 )
+from gateway.tokenization.segments import SegmentEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -148,40 +148,41 @@ class HFPromptTokenizer:
             if heads is not None and enough is not None:
                 found = pieces.encode_head(split, heads)
                 if found is not None and enough(found[0]):
-                    return self._head(found[0], found[1], "".join(split), False, lambda: pieces.encode_pieces(split))
+                    return self._head(found[0], found[1], split, False, lambda: pieces.encode_pieces(split))
             if pieces.uncached_chars(split) < self._offload_min_chars:
                 ids = pieces.encode_pieces(split)
             else:
                 ids = await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split)
-            self._sample("".join(split), False, ids)
+            self._sample(split, False, ids)
             return _whole(ids)
         if isinstance(prompt, TextPrompt) and heads is not None and enough is not None:
             text = prompt.text
             head_ids = heads.head_ids(text, add_special_tokens=True)
             if head_ids is not None and enough(head_ids):
-                return self._head(head_ids, heads.head_chars, text, True, None)
+                return self._head(head_ids, heads.head_chars, [text], True, None)
         if _prompt_chars(prompt) < self._offload_min_chars:
             whole = self.encode(prompt)
         else:
             whole = await asyncio.get_running_loop().run_in_executor(self._executor, self.encode, prompt)
         if isinstance(prompt, TextPrompt) and self._segments is not None:
-            self._sample(prompt.text, True, whole)
+            self._sample([prompt.text], True, whole)
         return _whole(whole)
 
     def _head(
-        self, head_ids: list[int], head_chars: int, text: str, add_special_tokens: bool,
+        self, head_ids: list[int], head_chars: int, parts: list[str], add_special_tokens: bool,
         warm_up: Callable[[], object] | None,
     ) -> PromptTokens:  # fmt: skip
-        """`head_ids` stands for the prompt `text`. A chat's `warm_up` (encoding all its pieces,
-        which caches them for the conversation's next turn: it will match beyond this head)
-        runs on idle cycles; one head in `_CHECK_EVERY` is checked against the tokenizer's own
-        encoding."""
+        """`head_ids` stands for the prompt, the text `parts` joined. A chat's `warm_up`
+        (encoding all its pieces, which caches them for the conversation's next turn: it will
+        match beyond this head) runs on idle cycles; one head in `_CHECK_EVERY` is checked
+        against the tokenizer's own encoding."""
         self._num_heads += 1
-        if warm_up is not None and self._reserve_backlog(len(text)):
-            self._in_background(len(text), warm_up)
+        num_chars = sum(map(len, parts))
+        if warm_up is not None and self._reserve_backlog(num_chars):
+            self._in_background(num_chars, warm_up)
         if self._num_heads % _CHECK_EVERY == 1:
-            self._check_later(text, add_special_tokens, head_ids, complete=False)
-        estimate = max(len(head_ids) + 1, round(len(head_ids) * len(text) / max(head_chars, 1)))
+            self._check_later(parts, add_special_tokens, head_ids, complete=False)
+        estimate = max(len(head_ids) + 1, round(len(head_ids) * num_chars / max(head_chars, 1)))
         return PromptTokens(head_ids, estimate, complete=False)
 
     def _reserve_backlog(self, num_chars: int) -> bool:
@@ -201,15 +202,16 @@ class HFPromptTokenizer:
 
         self._background.submit(work).add_done_callback(release)
 
-    def _sample(self, text: str, add_special_tokens: bool, ids: Sequence[int]) -> None:
+    def _sample(self, parts: list[str], add_special_tokens: bool, ids: Sequence[int]) -> None:
         """One encoding in `_CHECK_EVERY` made from cached pieces or words is checked."""
         self._num_sampled += 1
         if self._num_sampled % _CHECK_EVERY == 1:
-            self._check_later(text, add_special_tokens, ids, complete=True)
+            self._check_later(parts, add_special_tokens, ids, complete=True)
 
-    def _check_later(self, text: str, add_special_tokens: bool, ids: Sequence[int], *, complete: bool) -> None:
-        """Compare `ids` (all of `text`'s encoding, or its start) with the tokenizer's own
-        encoding of `text`, on idle cycles."""
+    def _check_later(self, parts: list[str], add_special_tokens: bool, ids: Sequence[int], *, complete: bool) -> None:
+        """Compare `ids` (all of the encoding of the text `parts` joined, or its start) with the
+        tokenizer's own encoding of that text, on idle cycles (joined only then)."""
+        text = "".join(parts)
         if self._reserve_backlog(len(text)):
             self._in_background(len(text), lambda: self._verify(ids, self._encode_plain(text, add_special_tokens),
                                                                 complete))  # fmt: skip
