@@ -86,8 +86,8 @@ class Generations(Generic[K]):
             if not remaining:
                 return
 
-    def find_closed(self, keys: Sequence[K], found: list[int | None], start: int) -> int:
-        """Fill the gaps of `found` (the values from `young`, None where it lacks the key) from
+    def find_closed(self, keys: Sequence[K], found: list[int], start: int) -> int:
+        """Fill the gaps of `found` (the values from `young`, 0 where it lacks the key) from
         the closed generations, from position `start` to the first key none holds, and return
         that position (len(keys) if none)."""
         newest_first = list(reversed(self.closed))  # a prompt in use is likelier there
@@ -99,11 +99,11 @@ class Generations(Generic[K]):
             for generation in newest_first:
                 # A C loop a generation; a key is in one table at most, `get` passes the rest.
                 part = list(map(generation.get, chunk, part))
-                if None not in part:
+                if 0 not in part:
                     break
             found[low:high] = part
-            if None in part:
-                return low + part.index(None)
+            if 0 in part:
+                return low + part.index(0)
             low, window = high, 2 * window
         return len(keys)
 
@@ -138,6 +138,8 @@ class Generations(Generic[K]):
     def shrink(self) -> list[int]:
         """Close `young` when full, then drop keys until `capacity` and CLOSED_MAX hold; the
         values dropped. Cheap when nothing is due: call after every batch of inserts."""
+        if not self.closed and len(self.young) < self._generation_size:
+            return []  # filling the first generation: nothing noted by lookups (all young)
         if self._used:
             self.promote(())  # uses first: they decide what goes
         self._close_if_full()

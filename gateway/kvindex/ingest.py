@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 from engine_adapter.events.model import AllChunksCleared, ChunkRemoved, ChunkStored, EngineBlockHash, EventBatch
 from gateway.kvindex.base import TIER_GPU, TIER_STORAGE, ChunkIndex
@@ -73,8 +74,9 @@ class IndexIngestor:
         self._store_keys: dict[str, dict[EngineBlockHash, tuple[RequestChunkKey, ...]]] = {}
         self.store_writes = StoreWrites(MAX_STORE_CHUNKS)
         self._keys: dict[EngineId, dict[EngineBlockHash, RequestChunkKey]] = {}
-        # How many tiers of the engine hold each block: the mapping lives while any does.
-        self._tiers_holding: dict[EngineId, dict[EngineBlockHash, int]] = {}
+        # The mapping lives while any tier of the engine holds the block: how many tiers beyond
+        # the first hold it, for the blocks more than one tier holds (most are in one: no entry).
+        self._more_tiers: dict[EngineId, dict[EngineBlockHash, int]] = {}
         self.stats = IngestStats()
 
     def apply(self, engine_id: str, batch: EventBatch) -> None:
@@ -98,7 +100,7 @@ class IndexIngestor:
         """Forget `engine` (it left the configuration) and return the gateway keys of the blocks
         its events stored, for the index to drop (gateway.kvindex.removal). O(its blocks)."""
         engine = EngineId(engine_id)
-        self._tiers_holding.pop(engine, None)
+        self._more_tiers.pop(engine, None)
         return list(self._keys.pop(engine, {}).values())
 
     def known_blocks(self, engine: EngineId) -> int:
@@ -124,7 +126,6 @@ class IndexIngestor:
                 self.stats.block_size_mismatches += 1
                 return
         mapping = self._keys.setdefault(engine, {})
-        holding = self._tiers_holding.setdefault(engine, {})
         if event.parent_block_hash is None:
             model = self._model_of(engine)
             if model is None:
@@ -137,9 +138,13 @@ class IndexIngestor:
             self.stats.orphan_blocks += len(event.block_hashes)
             return
         keys = chunk_keys(event.token_ids, self._layout.block_size, parent)
-        for engine_hash, key in zip(event.block_hashes, keys):
-            mapping[engine_hash] = key
-            holding[engine_hash] = holding.get(engine_hash, 0) + 1
+        hashes = event.block_hashes[: len(keys)]
+        if not mapping.keys().isdisjoint(hashes):  # another tier of the engine holds some
+            more = self._more_tiers.setdefault(engine, {})
+            for engine_hash in hashes:
+                if engine_hash in mapping:
+                    more[engine_hash] = more.get(engine_hash, 0) + 1
+        mapping.update(zip(hashes, keys))
         self.drops.spare(engine, keys)
         self._index.add(engine, keys, event.medium)
         self.stats.blocks_stored += len(keys)
@@ -187,23 +192,26 @@ class IndexIngestor:
             self._store_removed(store, event)
             return
         mapping = self._keys.get(engine, {})
-        holding = self._tiers_holding.get(engine, {})
-        keys = []
-        for engine_hash in event.block_hashes:
-            key = mapping.get(engine_hash)
-            if key is None:
-                continue
-            keys.append(key)
-            remaining = holding.get(engine_hash, 1) - 1
-            if remaining <= 0:
-                holding.pop(engine_hash, None)
-                del mapping[engine_hash]
-            else:
-                holding[engine_hash] = remaining
+        more = self._more_tiers.get(engine)
+        if not more:  # each block in one tier: its mapping goes
+            found = map(mapping.pop, event.block_hashes, repeat(None))
+            keys = [key for key in found if key is not None]
+        else:
+            keys = []
+            for engine_hash in event.block_hashes:
+                key = mapping.get(engine_hash)
+                if key is None:
+                    continue
+                keys.append(key)
+                others = more.pop(engine_hash, 0)
+                if others == 0:
+                    del mapping[engine_hash]
+                elif others > 1:
+                    more[engine_hash] = others - 1
         self._index.evict(engine, keys, event.medium)
         self.stats.blocks_removed += len(keys)
 
     def _clear(self, engine: EngineId) -> None:
         """O(the engine's blocks), in batches: never a scan of the whole index."""
-        self._tiers_holding.pop(engine, None)
+        self._more_tiers.pop(engine, None)
         self.drops.drop(engine, self._keys.pop(engine, {}).values())

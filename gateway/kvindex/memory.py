@@ -9,7 +9,8 @@ work at all while the set of holders does not change:
 
 computed by C loops (`map`, `itertools.accumulate`), then only the positions where `runs`
 changes are decoded into engines and tiers. One dictionary step and one AND per block,
-whatever the fleet size.
+whatever the fleet size; fewer ANDs still, as equal bitsets are one object (`_intern`): keys in
+a row held by the same engines share one, and `runs` can only change where the object does.
 
 An approximate LRU over keys bounds the memory (`gateway/kvindex/generations.py`): beyond
 `capacity_chunks` keys, the keys of the oldest generation are dropped for all engines; adding
@@ -28,7 +29,6 @@ import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
 
 from gateway.kvindex.base import (
     TIER_APPROXIMATE,
@@ -45,6 +45,9 @@ from gateway.types import EngineId, RequestChunkKey
 _KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE, TIER_REPORTED)
 _ANY = 0  # slice of the union of all tiers
 _NONE_EXPIRING: dict[RequestChunkKey, float] = {}  # read only
+# Distinct bitsets kept as one object each: a fleet's keys have few (the sets of engines that
+# hold a prefix), ~100 B each at 256 engines.
+_MAX_INTERNED = 1 << 16
 
 
 class InMemoryIndex:
@@ -65,6 +68,11 @@ class InMemoryIndex:
         self._deadlines: dict[tuple[int, int], dict[RequestChunkKey, float]] = {}
         self._expiry_heap: list[tuple[float, int, int, int, tuple[RequestChunkKey, ...]]] = []
         self._num_expiry_batches = 0
+        # Each distinct bitset as one object, so that a lookup finds runs of keys with the same
+        # holders by identity (one pointer compare a key). Forgotten when it grows past
+        # _MAX_INTERNED (equal bitsets are then two objects: slower lookups, same answers).
+        self._interned: dict[int, int] = {}
+        self._places: dict[tuple[EngineId, str], tuple[int, int, int, int]] = {}  # see `_place`
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -92,13 +100,32 @@ class InMemoryIndex:
         def widen(mask: int) -> int:
             return sum(((mask >> (i * old)) & slot_mask) << (i * width) for i in range(num_slices))
 
+        self._interned.clear()
+        self._places.clear()
         for table in self._entries.tables():
             for key, mask in table.items():
-                table[key] = widen(mask)
+                table[key] = self._intern(widen(mask))
         self._width = width
 
+    def _intern(self, mask: int) -> int:
+        interned = self._interned
+        found = interned.get(mask)
+        if found is not None:
+            return found
+        if len(interned) >= _MAX_INTERNED:
+            interned.clear()
+        interned[mask] = mask
+        return mask
+
+    def _place(self, engine: EngineId, tier: str) -> tuple[int, int, int, int]:
+        """(slot, slice, the entry bits an add sets, the tier's own bit), kept for the next add."""
+        slot, index = self._slot(engine), self._slice(tier)  # may widen the layout: first
+        tier_bit = self._bit(slot, index)
+        place = self._places[(engine, tier)] = (slot, index, self._intern(tier_bit | self._bit(slot, _ANY)), tier_bit)
+        return place
+
     def _bit(self, slot: int, index: int) -> int:
-        return 1 << (index * self._width + slot)
+        return self._intern(1 << (index * self._width + slot))
 
     def _engine_mask(self, slot: int) -> int:
         """Every bit of one engine, all slices."""
@@ -111,9 +138,11 @@ class InMemoryIndex:
     ) -> dict[EngineId, PrefixMatch]:
         self._expire()
         entries = self._entries
-        found = list(map(entries.young.get, keys))
+        # 0 for a key `young` lacks (never a bitset): an int is compared with an int faster
+        # than with None.
+        found = list(map(entries.young.get, keys, itertools.repeat(0)))
         try:
-            num_held = found.index(None)  # nobody holds this key: no prefix goes past it
+            num_held = found.index(0)  # nobody holds this key: no prefix goes past it
         except ValueError:
             num_held = len(found)
         in_young = num_held  # the keys after these, if held, are in closed generations
@@ -122,7 +151,7 @@ class InMemoryIndex:
         if num_held == 0:
             return {}
         del found[num_held:]
-        held = cast(list[int], found)
+        held = found
         if engines is not None:
             wanted = 0
             for engine in engines:
@@ -130,39 +159,64 @@ class InMemoryIndex:
                 if slot is not None:
                     wanted |= self._engine_mask(slot)
             held[0] &= wanted
-        runs = list(itertools.accumulate(held, operator.and_))
+        # Runs can only change where the bitset object does (equal ones are mostly one object);
+        # often nowhere (the same engines hold the whole prefix: one identity check a key).
+        if held.count(held[0]) == num_held:
+            starts = [0]
+        else:
+            starts = [0, *itertools.compress(range(1, num_held), map(operator.is_not, held, itertools.islice(held, 1, None)))]
+        runs = list(itertools.accumulate(map(held.__getitem__, starts), operator.and_))
         try:
-            depth = runs.index(0)  # the union slice is empty: every run has ended
+            ended = runs.index(0)  # the union slice is empty: every run has ended
         except ValueError:
             depth = num_held
+        else:
+            depth = starts[ended]
+            del runs[ended:]
         if depth == 0:
             return {}
         if depth > in_young:  # matched: in use again (young keys need nothing)
             dropped = entries.used(keys[in_young:depth])
             if dropped:
                 self._uncount(dropped)
-        matches: dict[EngineId, PrefixMatch] = {}
-        # Where a run shrinks, the bits it lost ended there; what is left at the end ran through.
-        changed = itertools.compress(range(1, depth), map(operator.ne, runs, itertools.islice(runs, 1, depth)))
-        for at in changed:
-            self._record(runs[at - 1] & ~runs[at], at, matches)
-        self._record(runs[depth - 1], depth, matches)
-        return matches
+        # Where a run shrinks, the bits it lost ended there (each run holds the next: XOR is
+        # the difference); what is left at the end ran through.
+        ends = [*map(operator.xor, runs, itertools.islice(runs, 1, None)), runs[-1]]
+        lengths = list(itertools.compress([*itertools.islice(starts, 1, len(runs)), depth], ends))
+        ends = list(filter(None, ends))
+        return self._decode_gpu_runs(ends, lengths) or self._decode(ends, lengths)
 
-    def _record(self, bits: int, length: int, matches: dict[EngineId, PrefixMatch]) -> None:
+    def _decode_gpu_runs(self, ends: list[int], lengths: list[int]) -> dict[EngineId, PrefixMatch]:
+        """The usual case, in C loops but for one step an engine: each end is one engine's, in
+        the GPU tier only (a fleet of engines that hold prefixes of different lengths in their
+        own memory). Empty when it is not that case."""
         width = self._width
-        while bits:
-            low = bits & -bits
-            index, slot = divmod(low.bit_length() - 1, width)
-            bits ^= low
-            engine = self._engines[slot]
-            match = matches.get(engine)
-            if match is None:
-                match = matches[engine] = PrefixMatch()
-            if index == _ANY:
-                match.num_chunks = length
-            else:
-                match.by_tier[self._tier_names[index]] = length
+        ended = list(map(operator.and_, ends, itertools.repeat((1 << width) - 1)))  # union slice
+        if max(map(int.bit_count, ended)) != 1 or list(map(operator.rshift, ends, itertools.repeat(width))) != ended:
+            return {}  # several engines at an end, or an end in another tier (slice 1 is GPU's)
+        engines = self._engines
+        return {
+            engines[slot_plus_one - 1]: PrefixMatch(length, {TIER_GPU: length})
+            for slot_plus_one, length in zip(map(int.bit_length, ended), lengths)
+        }
+
+    def _decode(self, ends: list[int], lengths: list[int]) -> dict[EngineId, PrefixMatch]:
+        matches: dict[EngineId, PrefixMatch] = {}
+        width = self._width
+        for bits, length in zip(ends, lengths):
+            while bits:
+                low = bits & -bits
+                index, slot = divmod(low.bit_length() - 1, width)
+                bits ^= low
+                engine = self._engines[slot]
+                match = matches.get(engine)
+                if match is None:
+                    match = matches[engine] = PrefixMatch()
+                if index == _ANY:
+                    match.num_chunks = length
+                else:
+                    match.by_tier[self._tier_names[index]] = length
+        return matches
 
     def num_chunks(self, engine: EngineId, tier: str = TIER_GPU) -> int:
         self._expire()
@@ -175,30 +229,38 @@ class InMemoryIndex:
     # -- updates --------------------------------------------------------------------------
 
     def add(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str, ttl_s: float | None = None) -> None:
-        slot, index = self._slot(engine), self._slice(tier)
-        bit = self._bit(slot, index) | self._bit(slot, _ANY)
-        tier_bit = self._bit(slot, index)
+        place = self._places.get((engine, tier)) or self._place(engine, tier)
+        slot, index, bit, tier_bit = place
         deadline = None if ttl_s is None else self._clock() + ttl_s
         expiring = (
             self._deadlines.get((slot, index), _NONE_EXPIRING) if deadline is None
             else self._deadlines.setdefault((slot, index), {})
         )  # fmt: skip
         entries = self._entries
-        entries.promote(keys)
+        entries.promote(keys)  # every key held is in `young` now
         young = entries.young
-        added = 0
-        for key in keys:
-            mask = young.get(key)
-            if mask is None:
-                young[key] = bit
-                added += 1
-            elif not mask & tier_bit:
-                young[key] = mask | bit
-                added += 1
-            if deadline is not None:
-                expiring[key] = deadline
-            elif expiring and key in expiring:
-                del expiring[key]  # confirmed: no longer expires
+        if young.keys().isdisjoint(keys):  # all new (an engine's fresh blocks): C loops only
+            fresh = dict.fromkeys(keys, bit)
+            young.update(fresh)
+            added = len(fresh)
+        else:
+            added = 0
+            before = after = 0  # the last change: keys in a row mostly share their bitset object
+            for key in keys:
+                mask = young.get(key)
+                if mask is None:
+                    young[key] = bit
+                    added += 1
+                elif not mask & tier_bit:
+                    if mask is not before:
+                        before, after = mask, self._intern(mask | bit)
+                    young[key] = after
+                    added += 1
+        if deadline is not None:
+            expiring.update(dict.fromkeys(keys, deadline))
+        elif expiring:
+            for key in keys:
+                expiring.pop(key, None)  # confirmed: no longer expires
         if deadline is not None and keys:
             self._num_expiry_batches += 1
             heapq.heappush(self._expiry_heap, (deadline, self._num_expiry_batches, slot, index, tuple(keys)))
@@ -224,7 +286,7 @@ class InMemoryIndex:
             for key in [k for k, mask in table.items() if mask & mine]:
                 rest = table[key] & keep
                 if rest:
-                    table[key] = rest
+                    table[key] = self._intern(rest)
                 else:
                     del table[key]
         for count_key in [c for c in self._counts if c[0] == slot]:
@@ -245,16 +307,20 @@ class InMemoryIndex:
         any_bit = self._bit(slot, _ANY)
         tiers_of_engine = self._engine_mask(slot) & ~any_bit
         removed = 0
+        before = after = 0  # the last change: keys in a row mostly share their bitset object
         for table, key in held:
             mask = table.get(key)  # read here: a key named twice is gone the second time
             if mask is None or not mask & tier_bit:
                 continue
             removed += 1
-            mask &= ~tier_bit
-            if not mask & tiers_of_engine:
-                mask &= ~any_bit  # no tier left for this engine
-            if mask:
-                table[key] = mask
+            if mask is not before:
+                before = mask
+                mask &= ~tier_bit
+                if not mask & tiers_of_engine:
+                    mask &= ~any_bit  # no tier left for this engine
+                after = self._intern(mask) if mask else 0
+            if after:
+                table[key] = after
             else:
                 del table[key]
         if removed:

@@ -10,14 +10,17 @@ full blocks. The root seed separates models, LoRA adapters and cache salts.
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Sequence
+from typing import cast
 
 import xxhash
 
 from gateway.types import RequestChunkKey
 
 
+@functools.lru_cache(maxsize=4096)  # every request, and every event that starts a chain
 def chain_root(model: str, lora_name: str | None = None, cache_salt: str | None = None) -> int:
     return xxhash.xxh3_64_intdigest(f"{model}\x00{lora_name or ''}\x00{cache_salt or ''}".encode())
 
@@ -34,8 +37,9 @@ def chunk_keys(token_ids: Sequence[int], block_size: int, parent: int) -> list[R
     else:
         data = array("I", token_ids[: num_chunks * block_size]).tobytes()
     step = block_size * 4
-    keys: list[RequestChunkKey] = []
+    keys: list[int] = []
+    append, digest = keys.append, xxhash.xxh3_64_intdigest  # a 16k-token prompt: 1,024 steps
     for offset in range(0, len(data), step):
-        parent = xxhash.xxh3_64_intdigest(data[offset : offset + step], seed=parent)
-        keys.append(RequestChunkKey(parent))
-    return keys
+        parent = digest(data[offset : offset + step], parent)
+        append(parent)
+    return cast(list[RequestChunkKey], keys)  # no call per key: `RequestChunkKey(x)` is one
