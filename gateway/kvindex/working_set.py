@@ -8,7 +8,6 @@ this to place new prefix groups where they fit.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -37,24 +36,28 @@ class WorkingSetTracker:
         recent = self._recent.get(engine)
         if not recent:
             return 0
+        self._trim(recent)
+        return len(recent)
+
+    def num_missing(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> int:
+        """How many of `keys` are not in the engine's working set (not used within the window).
+        A routing decision asks this of every candidate for every chunk of the prompt: once
+        what fell out of the window is dropped, the rest is all in it, and one C-level
+        intersection counts the keys there (~2/3 of a per-key time check)."""
+        recent = self._recent.get(engine)
+        if not recent:
+            return len(keys)
+        self._trim(recent)
+        return len(keys) - len(recent.keys() & keys)  # a prompt's chunk keys are distinct
+
+    def _trim(self, recent: OrderedDict[RequestChunkKey, float]) -> None:
+        """Drop the keys last used before the window; `recent` is in order of last use."""
         horizon = self._clock() - self._window_s
         while recent:
             oldest_key, last_used = next(iter(recent.items()))
             if last_used >= horizon:
                 break
             del recent[oldest_key]
-        return len(recent)
-
-    def num_missing(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> int:
-        """How many of `keys` are not in the engine's working set (not used within the window).
-        One clock read for all: a routing decision asks this of every candidate for every
-        chunk of the prompt."""
-        recent = self._recent.get(engine)
-        if not recent:
-            return len(keys)
-        horizon = self._clock() - self._window_s
-        get = recent.get
-        return sum(1 for key in keys if get(key, -math.inf) < horizon)
 
     def forget(self, engine: EngineId) -> list[RequestChunkKey]:
         """Drop the engine's working set; returns the keys it had (routed there lately)."""
