@@ -66,7 +66,7 @@ def event_ingest_rate(num_blocks: int, num_engines: int) -> float:
 def drop_us_per_key(num_keys: int, num_engines: int) -> float:
     """Microseconds per key to drop one engine's keys from an index of `num_keys` keys spread
     over `num_engines` (gateway.kvindex.removal, as a reset or a reload's removal runs it: every
-    tier of each key the engine's events stored, 2,048 keys a step of the event loop)."""
+    tier of each key the engine's events stored, 1,024 keys a step of the event loop)."""
     import asyncio
 
     from gateway.kvindex.removal import drop_engine
@@ -106,6 +106,40 @@ def lookup_ms(num_keys: int, num_engines: int, repeats: int, after_closing: bool
         matches = index.lookup(prompt)
         samples.append((time.perf_counter() - start) * 1000)
     assert len(matches) == num_engines and matches[EngineId("e0")].num_chunks == num_keys
+    return statistics.median(samples)
+
+
+def next_turn_ms(prompt_tokens: int, num_sessions: int = 64, num_turns: int = 6) -> float:
+    """Median milliseconds of the index work one routed request does, as the prefix service runs
+    it for a conversation's next turn on engines without KV events (gateway.kvindex.service):
+    chunk keys (block 32), lookup, each of 2 candidates' missing working-set chunks, the
+    approximate entries written again (TTL), the working set touched. `num_sessions`
+    conversations of `prompt_tokens` tokens, each turn 120 tokens longer; first turns not
+    counted."""
+    from array import array
+
+    from gateway.kvindex.base import TIER_APPROXIMATE
+    from gateway.kvindex.working_set import WorkingSetTracker
+    from gateway.tokenization.chunking import chain_root, chunk_keys
+
+    rng = random.Random(1)
+    index, working_sets = InMemoryIndex(capacity_chunks=1_000_000), WorkingSetTracker()
+    engines = [EngineId("a"), EngineId("b")]
+    sessions = [array("I", [rng.randrange(32000) for _ in range(prompt_tokens)]) for _ in range(num_sessions)]
+    samples = []
+    for turn in range(num_turns):
+        for i, tokens in enumerate(sessions):
+            tokens.extend(rng.randrange(32000) for _ in range(120))
+            engine = engines[i % 2]
+            start = time.perf_counter()
+            prompt = chunk_keys(tokens, 32, chain_root("model"))
+            index.lookup(prompt)
+            for candidate in engines:
+                working_sets.num_missing(candidate, prompt)
+            index.add(engine, prompt, TIER_APPROXIMATE, ttl_s=120)
+            working_sets.touch(engine, prompt)
+            if turn:
+                samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
 
 
@@ -160,6 +194,9 @@ def main() -> None:
         ["lookup 32k tokens (2,048 keys), 256 engines", f"{lookup_ms(2048, 256, 50):.3f} ms", "≤ 0.5 ms"],
         ["the same, first after the prompt's generation closed (2,048 other keys came in)",
          f"{lookup_ms(2048, 256, 50, after_closing=True):.3f} ms", ""],
+        ["index work of a routed request, a conversation's next turn, 2k tokens",
+         f"{next_turn_ms(2048):.3f} ms", ""],
+        ["the same, 16k tokens", f"{next_turn_ms(16384):.3f} ms", ""],
         ["memory, 5M keys × 1 engine", f"{bytes_per_entry(5_000_000 // scale, 1):.0f} B/entry", "≤ 120 B"],
         ["memory, 20k keys × 256 engines (5M entries)", f"{bytes_per_entry(20_000 // scale, 256):.1f} B/entry",
          "≤ 120 B"],
