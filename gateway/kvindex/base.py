@@ -41,6 +41,10 @@ class ChunkIndex(Protocol):
         """`engine` no longer holds `keys` in `tier`. Unknown keys are ignored."""
         ...
 
+    def evict_all_tiers(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
+        """`engine` no longer holds `keys` in any tier. Unknown keys are ignored."""
+        ...
+
     def clear_engine(self, engine: EngineId) -> None:
         """Forget everything about `engine` (restart, lost events). O(entries of engine)."""
         ...

@@ -276,6 +276,31 @@ class InMemoryIndex:
             return
         self._remove_held(self._entries.held(keys), slot, self._slice(tier))
 
+    def evict_all_tiers(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
+        """One pass over the generations for every tier (an `evict` a tier took six: an engine's
+        reset stalled the event loop ~20-30 ms per 2,048 keys on this machine)."""
+        slot = self._slots.get(engine)
+        if slot is None:
+            return
+        mine = self._engine_mask(slot)
+        keep = ~mine
+        lost: list[int] = []  # the engine's bits each key loses, for the counts
+        before = after = lost_bits = -1  # the last change: keys in a row mostly share their bitset
+        for table, key in self._entries.held(keys):
+            mask = table.get(key)  # read here: a key named twice is gone the second time
+            if mask is None or not mask & mine:
+                continue
+            if mask is not before:
+                before, lost_bits, rest = mask, mask & mine, mask & keep
+                after = self._intern(rest) if rest else 0
+            lost.append(lost_bits)
+            if after:
+                table[key] = after
+            else:
+                del table[key]
+        if lost:
+            self._uncount(lost)
+
     def clear_engine(self, engine: EngineId) -> None:
         slot = self._slots.get(engine)
         if slot is None:

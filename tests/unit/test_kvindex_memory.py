@@ -293,8 +293,9 @@ def test_dropped_ttl_entry_can_be_readded(make: Callable[..., tuple[ChunkIndex, 
 @pytest.mark.parametrize("tiers", [["GPU", "CPU", "speculative"], ["GPU"]], ids=["three-tiers", "gpu-only"])
 def test_matches_a_plain_reference_on_random_fleets_beyond_one_slice_of_slots(tiers: list[str]) -> None:
     """100 engines (more than the first 64 slots, so the layout widens mid-way), random adds,
-    evictions and lookups, some restricted to engines: every match equals the naive
-    per-engine, per-tier walk. (GPU only: the lookup's fast decoding, one tier an end.)"""
+    evictions (of one tier or all) and lookups, some restricted to engines: every match and
+    count equals the naive per-engine, per-tier walk. (GPU only: the lookup's fast decoding,
+    one tier an end.)"""
     import random
 
     from gateway.kvindex.memory import InMemoryIndex
@@ -311,6 +312,11 @@ def test_matches_a_plain_reference_on_random_fleets_beyond_one_slice_of_slots(ti
         if rng.random() < 0.7:
             index.add(engine, span, tier)
             held.update({(engine, k, tier): True for k in span})
+        elif rng.random() < 0.2:
+            index.evict_all_tiers(engine, span)
+            for k in span:
+                for t in tiers:
+                    held.pop((engine, k, t), None)
         else:
             index.evict(engine, span, tier)
             for k in span:
@@ -327,4 +333,5 @@ def test_matches_a_plain_reference_on_random_fleets_beyond_one_slice_of_slots(ti
             got = {e: (m.num_chunks, m.by_tier) for e, m in index.lookup(query, among).items()}
             assert got == expected
     for e in {e for (e, _, _) in held}:
-        assert index.num_chunks(EngineId(e), "GPU") == sum(1 for (x, _, t) in held if x == e and t == "GPU")
+        for t in tiers:
+            assert index.num_chunks(EngineId(e), t) == sum(1 for (x, _, u) in held if x == e and u == t)
