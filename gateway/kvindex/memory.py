@@ -164,7 +164,8 @@ class InMemoryIndex:
         if held.count(held[0]) == num_held:
             starts = [0]
         else:
-            starts = [0, *itertools.compress(range(1, num_held), map(operator.is_not, held, itertools.islice(held, 1, None)))]
+            changes = map(operator.is_not, held, itertools.islice(held, 1, None))
+            starts = [0, *itertools.compress(range(1, num_held), changes)]
         runs = list(itertools.accumulate(map(held.__getitem__, starts), operator.and_))
         try:
             ended = runs.index(0)  # the union slice is empty: every run has ended

@@ -28,12 +28,13 @@ UNCOUNTED_PREFIXES = ("/admin/", "/debug/")
 # A lagging loop is a backlog of requests only while they keep arriving: at least this many
 # arriving while it lags, within the last one to two `ARRIVALS_WINDOW_S` (80-160 per second).
 # Behind a loop 20 ms late, a client sending one request at a time sends fewer than 10 per
-# 0.2 s, so a few such clients are never refused: their lag is the worker's own work (a tokenizer loading) or a CPU that
-# other processes hold, and refusing would turn a slow answer into none (a sequential test
-# client was refused while a fresh worker loaded its tokenizer on a busy machine). Requests in
-# flight are no such measure: in an overload the backlog waits before admission, and with
-# "at least 4 in flight" a loop at twice its capacity admitted enough to time out 343-382
-# requests of 5,000 (bench.overhead at 1,000 req/s, against none without that condition).
+# 0.2 s, so a few such clients are never refused: their lag is the worker's own work (a
+# tokenizer loading) or a CPU that other processes hold, and refusing would turn a slow answer
+# into none (a sequential test client was refused while a fresh worker loaded its tokenizer on
+# a busy machine). Requests in flight are no such measure: in an overload the backlog waits
+# before admission, and with "at least 4 in flight" a loop at twice its capacity admitted
+# enough to time out 343-382 requests of 5,000 (bench.overhead at 1,000 req/s, against none
+# without that condition).
 MIN_ARRIVALS_FOR_LAG = 16
 ARRIVALS_WINDOW_S = 0.1
 
