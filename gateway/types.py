@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NewType
 
@@ -28,10 +28,12 @@ TIER_REPORTED = "reported"
 
 @dataclass(slots=True)
 class PrefixMatch:
-    """Longest consecutive run of a request's chunks, from its first, that an engine holds."""
+    """Longest consecutive run of a request's chunks, from its first, that an engine holds.
+    Read only: the index hands the same match to every lookup that finds it (build a new one to
+    change it)."""
 
     num_chunks: int = 0  # in any tier
-    by_tier: dict[str, int] = field(default_factory=dict)
+    by_tier: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def own_chunks(self) -> int:

@@ -48,6 +48,7 @@ _NONE_EXPIRING: dict[RequestChunkKey, float] = {}  # read only
 # Distinct bitsets kept as one object each: a fleet's keys have few (the sets of engines that
 # hold a prefix), ~100 B each at 256 engines.
 _MAX_INTERNED = 1 << 16
+_MAX_SHARED_MATCHES = 1 << 16  # one per prefix length: a 1M-token prompt at block 16
 
 
 class InMemoryIndex:
@@ -57,6 +58,9 @@ class InMemoryIndex:
         self._width = 64  # engine slots per slice
         self._slots: dict[EngineId, int] = {}
         self._engines: list[EngineId] = []
+        # The bits of each engine holding a chunk in the GPU tier only (its union and GPU bits):
+        # the usual end of a run, decoded with one dictionary step.
+        self._gpu_only: dict[int, EngineId] = {}
         # tier name -> slice (1..); slice 0 is the union.
         self._slices: dict[str, int] = {t: i + 1 for i, t in enumerate(_KNOWN_TIERS)}
         self._tier_names: list[str] = ["", *_KNOWN_TIERS]
@@ -73,6 +77,10 @@ class InMemoryIndex:
         # _MAX_INTERNED (equal bitsets are then two objects: slower lookups, same answers).
         self._interned: dict[int, int] = {}
         self._places: dict[tuple[EngineId, str], tuple[int, int, int, int]] = {}  # see `_place`
+        # A GPU-only match of each length, shared by every lookup that returns one (matches are
+        # read only): a fleet's engines end their prefixes at few lengths, and a PrefixMatch
+        # built per engine per lookup was most of a 256-engine lookup's cost.
+        self._gpu_matches: dict[int, PrefixMatch] = {}
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -83,6 +91,8 @@ class InMemoryIndex:
             self._engines.append(engine)
             if slot >= self._width:
                 self._relayout(self._width * 2)
+            else:
+                self._gpu_only[self._gpu_only_bits(slot)] = engine
         return slot
 
     def _slice(self, tier: str) -> int:
@@ -106,6 +116,7 @@ class InMemoryIndex:
             for key, mask in table.items():
                 table[key] = self._intern(widen(mask))
         self._width = width
+        self._gpu_only = {self._gpu_only_bits(slot): engine for slot, engine in enumerate(self._engines)}
 
     def _intern(self, mask: int) -> int:
         interned = self._interned
@@ -123,6 +134,9 @@ class InMemoryIndex:
         tier_bit = self._bit(slot, index)
         place = self._places[(engine, tier)] = (slot, index, self._intern(tier_bit | self._bit(slot, _ANY)), tier_bit)
         return place
+
+    def _gpu_only_bits(self, slot: int) -> int:
+        return (1 << (_ANY * self._width + slot)) | (1 << (self._slices[TIER_GPU] * self._width + slot))
 
     def _bit(self, slot: int, index: int) -> int:
         return self._intern(1 << (index * self._width + slot))
@@ -159,13 +173,20 @@ class InMemoryIndex:
                 if slot is not None:
                     wanted |= self._engine_mask(slot)
             held[0] &= wanted
-        # Runs can only change where the bitset object does (equal ones are mostly one object);
-        # often nowhere (the same engines hold the whole prefix: one identity check a key).
-        if held.count(held[0]) == num_held:
+        # Runs can only change where the bitset object does (equal ones are mostly one object).
+        # The first run is mostly the longest (a prefix everyone holds, then the tails), often
+        # the whole prefix: found by two C scans (`count`), and only the keys after it
+        # compared one by one.
+        first = held[0]
+        num_first = held.count(first)
+        if num_first == num_held:
             starts = [0]
         else:
-            changes = map(operator.is_not, held, itertools.islice(held, 1, None))
-            starts = [0, *itertools.compress(range(1, num_held), changes)]
+            if held[:num_first].count(first) != num_first:  # (count: equal, not only identical)
+                num_first = 1  # not one run: compare all
+            after_first = itertools.islice(held, num_first, None)
+            changes = map(operator.is_not, itertools.islice(held, num_first - 1, None), after_first)
+            starts = [0, *itertools.compress(range(num_first, num_held), changes)]
         runs = list(itertools.accumulate(map(held.__getitem__, starts), operator.and_))
         try:
             ended = runs.index(0)  # the union slice is empty: every run has ended
@@ -191,18 +212,25 @@ class InMemoryIndex:
         """The usual case, in C loops but for one step an engine: each end is one engine's, in
         the GPU tier only (a fleet of engines that hold prefixes of different lengths in their
         own memory). Empty when it is not that case."""
-        width = self._width
-        ended = list(map(operator.and_, ends, itertools.repeat((1 << width) - 1)))  # union slice
-        if max(map(int.bit_count, ended)) != 1 or list(map(operator.rshift, ends, itertools.repeat(width))) != ended:
-            return {}  # several engines at an end, or an end in another tier (slice 1 is GPU's)
-        engines = self._engines
-        return {
-            engines[slot_plus_one - 1]: PrefixMatch(length, {TIER_GPU: length})
-            for slot_plus_one, length in zip(map(int.bit_length, ended), lengths)
-        }
+        try:
+            engines = list(map(self._gpu_only.__getitem__, ends))
+        except KeyError:
+            return {}  # several engines at an end, or an end in another tier
+        shared = self._gpu_matches
+        try:
+            matches = list(map(shared.__getitem__, lengths))
+        except KeyError:  # a length no lookup has returned yet
+            if len(shared) >= _MAX_SHARED_MATCHES:
+                shared.clear()
+            for length in lengths:
+                if length not in shared:
+                    shared[length] = PrefixMatch(length, {TIER_GPU: length})
+            matches = list(map(shared.__getitem__, lengths))
+        return dict(zip(engines, matches))
 
     def _decode(self, ends: list[int], lengths: list[int]) -> dict[EngineId, PrefixMatch]:
-        matches: dict[EngineId, PrefixMatch] = {}
+        num_chunks: dict[EngineId, int] = {}
+        by_tier: dict[EngineId, dict[str, int]] = {}
         width = self._width
         for bits, length in zip(ends, lengths):
             while bits:
@@ -210,14 +238,11 @@ class InMemoryIndex:
                 index, slot = divmod(low.bit_length() - 1, width)
                 bits ^= low
                 engine = self._engines[slot]
-                match = matches.get(engine)
-                if match is None:
-                    match = matches[engine] = PrefixMatch()
                 if index == _ANY:
-                    match.num_chunks = length
+                    num_chunks[engine] = length
                 else:
-                    match.by_tier[self._tier_names[index]] = length
-        return matches
+                    by_tier.setdefault(engine, {})[self._tier_names[index]] = length
+        return {engine: PrefixMatch(length, by_tier.get(engine, {})) for engine, length in num_chunks.items()}
 
     def num_chunks(self, engine: EngineId, tier: str = TIER_GPU) -> int:
         self._expire()

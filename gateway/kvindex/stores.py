@@ -36,7 +36,7 @@ def with_store_hits(
 ) -> None:
     """Give every engine attached to a store (`attached()`: (engine, store) pairs, asked only
     when a store holds some of the prefix) the store's run as its `STORAGE` tier, and remove
-    the pseudo-holders from `matches`. In place."""
+    the pseudo-holders from `matches`. In place (the dict; its matches are replaced, not changed)."""
     held = {engine: matches.pop(engine) for engine in [e for e in matches if is_store_holder(e)]}
     if not held:
         return
@@ -49,8 +49,8 @@ def with_store_hits(
         if own is None:
             matches[engine] = PrefixMatch(num_chunks=run, by_tier={TIER_STORAGE: run})
             continue
-        own.num_chunks = max(own.num_chunks, run)
-        own.by_tier[TIER_STORAGE] = max(own.by_tier.get(TIER_STORAGE, 0), run)
+        by_tier = {**own.by_tier, TIER_STORAGE: max(own.by_tier.get(TIER_STORAGE, 0), run)}
+        matches[engine] = PrefixMatch(max(own.num_chunks, run), by_tier)  # a new one: matches are shared
 
 
 class StoreWrites:

@@ -72,6 +72,16 @@ def test_longest_consecutive_prefix_per_engine(make: Callable[..., tuple[ChunkIn
     assert matches[B].by_tier == {TIER_GPU: 3}
 
 
+def test_a_holder_set_that_comes_back_after_a_change_is_not_one_run(
+    make: Callable[..., tuple[ChunkIndex, FakeClock]],
+) -> None:
+    index, _ = make()
+    index.add(A, K[:3], TIER_GPU)
+    index.add(B, K[:1], TIER_GPU)
+    index.add(B, K[2:3], TIER_GPU)  # keys 0 and 2 have the same holders, key 1 fewer
+    assert lengths(index.lookup(K)) == {"a": 3, "b": 1}
+
+
 def test_lookup_stops_at_the_end_of_the_request(make: Callable[..., tuple[ChunkIndex, FakeClock]]) -> None:
     index, _ = make()
     index.add(A, K, TIER_GPU)

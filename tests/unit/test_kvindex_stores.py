@@ -88,6 +88,8 @@ def test_an_engine_gets_the_longer_of_its_own_run_and_the_stores() -> None:
     assert matches[A].num_chunks == 10 and matches[A].by_tier == {TIER_GPU: 10, TIER_STORAGE: 4}
     assert matches[B].num_chunks == 4
     assert matches[C].num_chunks == 2 and TIER_STORAGE not in matches[C].by_tier  # not attached
+    # The index shares its matches between lookups: the store's run went into a new one.
+    assert index.lookup(keys())[A] == PrefixMatch(10, {TIER_GPU: 10})
 
 
 def test_store_evictions_and_misses_remove_the_chunks_for_everyone() -> None:
