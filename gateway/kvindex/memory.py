@@ -173,20 +173,7 @@ class InMemoryIndex:
                 if slot is not None:
                     wanted |= self._engine_mask(slot)
             held[0] &= wanted
-        # Runs can only change where the bitset object does (equal ones are mostly one object).
-        # The first run is mostly the longest (a prefix everyone holds, then the tails), often
-        # the whole prefix: found by two C scans (`count`), and only the keys after it
-        # compared one by one.
-        first = held[0]
-        num_first = held.count(first)
-        if num_first == num_held:
-            starts = [0]
-        else:
-            if held[:num_first].count(first) != num_first:  # (count: equal, not only identical)
-                num_first = 1  # not one run: compare all
-            after_first = itertools.islice(held, num_first, None)
-            changes = map(operator.is_not, itertools.islice(held, num_first - 1, None), after_first)
-            starts = [0, *itertools.compress(range(num_first, num_held), changes)]
+        starts = _run_starts(held)
         runs = list(itertools.accumulate(map(held.__getitem__, starts), operator.and_))
         try:
             ended = runs.index(0)  # the union slice is empty: every run has ended
@@ -269,19 +256,16 @@ class InMemoryIndex:
             fresh = dict.fromkeys(keys, bit)
             young.update(fresh)
             added = len(fresh)
-        else:
+        else:  # some held already (a conversation's next turn): a step a run of one bitset
             added = 0
-            before = after = 0  # the last change: keys in a row mostly share their bitset object
-            for key in keys:
-                mask = young.get(key)
-                if mask is None:
-                    young[key] = bit
-                    added += 1
-                elif not mask & tier_bit:
-                    if mask is not before:
-                        before, after = mask, self._intern(mask | bit)
-                    young[key] = after
-                    added += 1
+            held = list(map(young.get, keys, itertools.repeat(0)))
+            starts = _run_starts(held)
+            for start, end in zip(starts, [*starts[1:], len(keys)]):
+                mask = held[start]
+                if mask and mask & tier_bit:
+                    continue  # held in this tier: nothing to write
+                young.update(dict.fromkeys(keys[start:end], self._intern(mask | bit) if mask else bit))
+                added += end - start  # (a prompt's keys are distinct: chained)
         if deadline is not None:
             expiring.update(dict.fromkeys(keys, deadline))
         elif expiring:
@@ -402,3 +386,21 @@ class InMemoryIndex:
                 if expiring.get(key) == deadline:
                     del expiring[key]
                     self._remove(key, slot, index)
+
+
+def _run_starts(masks: list[int]) -> list[int]:
+    """Where each run of one bitset begins in `masks` (not empty), in C loops. Runs can only
+    change where the bitset object does: equal ones are mostly one object (`_intern`). The
+    first run is mostly the longest (a prefix everyone holds, then the tails), often all of
+    it: found by two scans (`count`), and only the values after it compared one by one. A
+    start may begin a run equal to the one before (two objects): that costs a step, never an
+    answer."""
+    first = masks[0]
+    num_first = masks.count(first)  # equal, not only identical: one run all the same
+    if num_first == len(masks):
+        return [0]
+    if masks[:num_first].count(first) != num_first:
+        num_first = 1  # the first run ends before the last of its equals: compare all
+    after_first = itertools.islice(masks, num_first, None)
+    changes = map(operator.is_not, itertools.islice(masks, num_first - 1, None), after_first)
+    return [0, *itertools.compress(range(num_first, len(masks)), changes)]

@@ -22,7 +22,7 @@ from gateway.kvindex.base import (
 from gateway.kvindex.layout import KVLayout
 from gateway.kvindex.stores import StoreWrites, store_holder, with_store_hits
 from gateway.kvindex.working_set import WorkingSetTracker
-from gateway.tokenization.chunking import chain_root, chunk_keys
+from gateway.tokenization.chunking import RecentChains, chain_root, chunk_keys
 from gateway.tokenization.tokenizer import PromptTokenizer, TokenizationFailed
 from gateway.types import EngineId, RequestChunkKey, RoutingRequest, cached_prefix_tokens
 
@@ -65,6 +65,7 @@ class PrefixService:
         self._hot = hot
         self._failure_logged_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._chains = RecentChains()  # a prompt's keys from the last one it extends
 
     @property
     def block_size(self) -> int:
@@ -101,7 +102,7 @@ class PrefixService:
         request.num_prompt_tokens = tokens.num_tokens
         request.token_ids = tokens.ids
         if tokens.complete:
-            request.chunk_keys = chunk_keys(tokens.ids, self.block_size, root)
+            request.chunk_keys = self._chains.chunk_keys(tokens.ids, self.block_size, root)
             request.prefix_matches = self.lookup(request.chunk_keys) if request.chunk_keys else {}
         else:
             request.chunk_keys, request.prefix_matches = looked_up[-1]

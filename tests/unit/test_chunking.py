@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from array import array
 
+import random
+
 import pytest
 
-from gateway.tokenization.chunking import chain_root, chunk_keys
+from gateway.tokenization.chunking import RecentChains, chain_root, chunk_keys
 
 ROOT = chain_root("m")
 
@@ -89,3 +91,26 @@ def test_large_token_ids() -> None:
     keys = chunk_keys([151_643, 2**31, 2**32 - 1, 0], 4, ROOT)
     assert len(keys) == 1
     assert keys != chunk_keys([151_643, 2**31, 2**32 - 2, 0], 4, ROOT)
+
+
+def test_recent_chains_give_the_keys_chunk_keys_gives_on_random_conversations() -> None:
+    """Prompts that extend, cut short, branch from or share only a start with earlier ones (the
+    chunks a prompt shares with an earlier one come from its keys), at two block sizes."""
+    rng = random.Random(3)
+    chains = RecentChains(max_bytes=20_000)  # small: prompts also fall out
+    root = chain_root("m")
+    prompts: list[list[int]] = [[rng.randrange(50_000) for _ in range(rng.randrange(1, 400))] for _ in range(8)]
+    for _ in range(600):
+        tokens = list(rng.choice(prompts))
+        change = rng.random()
+        if change < 0.4:
+            tokens += [rng.randrange(50_000) for _ in range(rng.randrange(0, 80))]  # the next turn
+        elif change < 0.6:
+            del tokens[rng.randrange(len(tokens)) :]  # cut short
+        elif change < 0.8 and tokens:
+            tokens[rng.randrange(len(tokens))] = rng.randrange(50_000)  # a branch at any token
+        prompts[rng.randrange(len(prompts))] = tokens
+        block = rng.choice((4, 16))
+        ids = array("I", tokens) if rng.random() < 0.5 else tokens
+        assert chains.chunk_keys(ids, block, root) == chunk_keys(tokens, block, root)
+        assert chains.num_bytes <= 20_000
