@@ -112,7 +112,8 @@ def lookup_ms(num_keys: int, num_engines: int, repeats: int, after_closing: bool
 def next_turn_ms(prompt_tokens: int, num_sessions: int = 64, num_turns: int = 6) -> float:
     """Median milliseconds of the index work one routed request does, as the prefix service runs
     it for a conversation's next turn on engines without KV events (gateway.kvindex.service):
-    chunk keys (block 32), lookup, each of 2 candidates' missing working-set chunks, the
+    chunk keys (block 32, from the conversation's previous turn's where they match, as
+    `RecentChains` gives them), lookup, each of 2 candidates' missing working-set chunks, the
     approximate entries written again (TTL), the working set touched. `num_sessions`
     conversations of `prompt_tokens` tokens, each turn 120 tokens longer; first turns not
     counted."""
@@ -120,9 +121,10 @@ def next_turn_ms(prompt_tokens: int, num_sessions: int = 64, num_turns: int = 6)
 
     from gateway.kvindex.base import TIER_APPROXIMATE
     from gateway.kvindex.working_set import WorkingSetTracker
-    from gateway.tokenization.chunking import chain_root, chunk_keys
+    from gateway.tokenization.chunking import RecentChains, chain_root
 
     rng = random.Random(1)
+    chains = RecentChains()
     index, working_sets = InMemoryIndex(capacity_chunks=1_000_000), WorkingSetTracker()
     engines = [EngineId("a"), EngineId("b")]
     sessions = [array("I", [rng.randrange(32000) for _ in range(prompt_tokens)]) for _ in range(num_sessions)]
@@ -132,7 +134,7 @@ def next_turn_ms(prompt_tokens: int, num_sessions: int = 64, num_turns: int = 6)
             tokens.extend(rng.randrange(32000) for _ in range(120))
             engine = engines[i % 2]
             start = time.perf_counter()
-            prompt = chunk_keys(tokens, 32, chain_root("model"))
+            prompt = chains.chunk_keys(tokens, 32, chain_root("model"))
             index.lookup(prompt)
             for candidate in engines:
                 working_sets.num_missing(candidate, prompt)
