@@ -34,7 +34,9 @@ class ChunkIndex(Protocol):
         ...
 
     def add(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str, ttl_s: float | None = None) -> None:
-        """Record that `engine` holds `keys` in `tier`; with `ttl_s` the entries expire."""
+        """Record that `engine` holds `keys` in `tier`; with `ttl_s` the entries expire, and
+        writing them again renews them, within 1/8 of `ttl_s`: the keys a run written again
+        shares with one written less than ttl_s/8 before may keep that one's deadline."""
         ...
 
     def evict(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str) -> None:

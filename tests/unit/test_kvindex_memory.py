@@ -214,6 +214,40 @@ def test_rewrite_with_ttl_extends_deadline(make: Callable[..., tuple[ChunkIndex,
     assert index.num_chunks(A, TIER_APPROXIMATE) == 0
 
 
+def test_a_longer_run_written_again_soon_writes_only_its_new_keys(
+    make: Callable[..., tuple[ChunkIndex, FakeClock]],
+) -> None:
+    """A conversation's next turn within an eighth of the TTL: the keys it shares with the run
+    written before keep that run's deadline (still 7/8 of the TTL away at least)."""
+    index, clock = make()
+    index.add(A, K[:3], TIER_APPROXIMATE, ttl_s=80)  # until +80
+    clock.now += 5
+    index.add(A, K[:5], TIER_APPROXIMATE, ttl_s=80)  # K[3:5] until +85, K[:3] still +80
+    clock.now += 76  # +81
+    assert index.lookup(K) == {} and index.num_chunks(A, TIER_APPROXIMATE) == 2
+    index.add(B, K[:3], TIER_APPROXIMATE, ttl_s=80)  # until +161
+    clock.now += 11  # past an eighth
+    index.add(B, K[:5], TIER_APPROXIMATE, ttl_s=80)  # all written again: until +172
+    clock.now += 75  # +167
+    assert lengths(index.lookup(K)) == {"b": 5}
+
+
+def test_a_run_written_again_after_an_eviction_or_a_confirmation_is_written_whole(
+    make: Callable[..., tuple[ChunkIndex, FakeClock]],
+) -> None:
+    index, clock = make()
+    index.add(A, K[:4], TIER_APPROXIMATE, ttl_s=80)
+    index.evict(A, K[2:4], TIER_APPROXIMATE)
+    clock.now += 1
+    index.add(A, K[:6], TIER_APPROXIMATE, ttl_s=80)
+    assert lengths(index.lookup(K)) == {"a": 6}
+    index.add(B, K[:4], TIER_SPECULATIVE, ttl_s=80)
+    index.add(B, K[:4], TIER_SPECULATIVE)  # confirmed: no longer expire
+    index.add(B, K[:6], TIER_SPECULATIVE, ttl_s=80)  # expire again, all of them
+    clock.now += 100
+    assert "b" not in lengths(index.lookup(K))
+
+
 def test_readding_without_ttl_cancels_expiry(make: Callable[..., tuple[ChunkIndex, FakeClock]]) -> None:
     index, clock = make()
     index.add(A, K[:4], TIER_GPU, ttl_s=5)
