@@ -55,6 +55,10 @@ def test_the_bound_drops_the_oldest_keys_first() -> None:
     assert ws.size(A) == 20 and ws.num_missing(A, keys(0, 30)) == 10
     assert sorted(ws.forget(A)) == keys(10, 20)
     assert ws.size(A) == 0 and ws.forget(A) == []
+    ws.touch(A, keys(40, 10))
+    assert sorted(ws.forget(A)) == keys(40, 10)
+    ws.touch(A, keys(50, 5))
+    assert ws.num_missing(A, keys(40, 10)) == 10  # forgotten, however it was touched before
 
 
 def test_matches_a_time_per_key_within_a_quarter_of_the_window() -> None:
