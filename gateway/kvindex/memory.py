@@ -42,6 +42,7 @@ from gateway.kvindex.base import (
     PrefixMatch,
 )
 from gateway.kvindex.generations import Generations
+from gateway.kvindex.runs import RecentRuns
 from gateway.types import EngineId, RequestChunkKey
 
 _KNOWN_TIERS = (TIER_GPU, TIER_CPU, TIER_STORAGE, TIER_SPECULATIVE, TIER_APPROXIMATE, TIER_REPORTED)
@@ -51,7 +52,6 @@ _NONE_EXPIRING: dict[RequestChunkKey, float] = {}  # read only
 # hold a prefix), ~100 B each at 256 engines.
 _MAX_INTERNED = 1 << 16
 _REWRITE_EVERY = 8  # a run added with a TTL is written whole again after 1/8 of it
-_MAX_RUNS = 1 << 16  # runs remembered per (engine, tier): conversations in flight on one engine
 _MAX_SHARED_MATCHES = 1 << 16  # one per prefix length: a 1M-token prompt at block 16
 
 
@@ -76,9 +76,9 @@ class InMemoryIndex:
         self._deadlines: dict[tuple[int, int], dict[RequestChunkKey, float]] = {}
         self._expiry_heap: list[tuple[float, int, int, int, tuple[RequestChunkKey, ...]]] = []
         self._num_expiry_batches = 0
-        # (slot, slice) -> first key -> (keys, last key, oldest deadline) of the last run added
-        # with a TTL that began with that key: see `_not_written_lately`.
-        self._runs: dict[tuple[int, int], dict[RequestChunkKey, tuple[int, RequestChunkKey, float]]] = {}
+        # Per (slot, slice), the runs added with a TTL, stamped with their oldest deadline: see
+        # `_not_written_lately`.
+        self._runs: RecentRuns[tuple[int, int]] = RecentRuns()
         # Each distinct bitset as one object, so that a lookup finds runs of keys with the same
         # holders by identity (one pointer compare a key). Forgotten when it grows past
         # _MAX_INTERNED (equal bitsets are then two objects: slower lookups, same answers).
@@ -254,7 +254,7 @@ class InMemoryIndex:
         if ttl_s is None:
             deadline = None
             expiring = self._deadlines.get((slot, index), _NONE_EXPIRING)
-            self._runs.pop((slot, index), None)  # confirmed keys: no run of this tier stands
+            self._runs.forget((slot, index))  # confirmed keys: no run of this tier stands
         else:
             deadline = self._clock() + ttl_s
             expiring = self._deadlines.setdefault((slot, index), {})
@@ -302,18 +302,11 @@ class InMemoryIndex:
         (A key of the run dropped since for capacity comes back at its next whole write.)"""
         if not keys:
             return keys
-        runs = self._runs.setdefault((slot, index), {})
-        first = keys[0]
-        earlier = runs.get(first)
-        if earlier is not None:
-            num_written, last, oldest_deadline = earlier
-            if (num_written <= len(keys) and keys[num_written - 1] == last
-                    and oldest_deadline - deadline >= -ttl_s / _REWRITE_EVERY):  # fmt: skip
-                runs[first] = (len(keys), keys[-1], oldest_deadline)
-                return keys[num_written:]
-        elif len(runs) >= _MAX_RUNS:
-            runs.clear()
-        runs[first] = (len(keys), keys[-1], deadline)
+        num_written, oldest_deadline = self._runs.covered((slot, index), keys)
+        if num_written and oldest_deadline - deadline >= -ttl_s / _REWRITE_EVERY:
+            self._runs.note((slot, index), keys, oldest_deadline)
+            return keys[num_written:]
+        self._runs.note((slot, index), keys, deadline)
         return keys
 
     def evict(self, engine: EngineId, keys: Sequence[RequestChunkKey], tier: str) -> None:
@@ -321,7 +314,7 @@ class InMemoryIndex:
         if slot is None:
             return
         index = self._slice(tier)
-        self._runs.pop((slot, index), None)
+        self._runs.forget((slot, index))
         self._remove_held(self._entries.held(keys), slot, index)
 
     def evict_all_tiers(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
@@ -370,8 +363,7 @@ class InMemoryIndex:
             del self._deadlines[expiring_key]
 
     def _forget_runs(self, slot: int) -> None:
-        for run_key in [r for r in self._runs if r[0] == slot]:
-            del self._runs[run_key]
+        self._runs.forget_where(lambda owner: owner[0] == slot)
 
     def _remove(self, key: RequestChunkKey, slot: int, index: int) -> None:
         table = self._entries.holder(key)

@@ -23,10 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from gateway.kvindex.runs import RecentRuns
 from gateway.types import EngineId, RequestChunkKey
 
 _NUM_SPANS = 4  # sets per window: more, finer expiry but more sets to look through
-_MAX_RUNS = 1 << 16  # prompts remembered per engine (`_num_known`)
 
 
 class WorkingSetTracker:
@@ -39,10 +39,9 @@ class WorkingSetTracker:
         # Per engine, oldest first: (when the set opened, the keys last touched in its span).
         # A key is in one set at most.
         self._recent: dict[EngineId, deque[tuple[float, set[RequestChunkKey]]]] = {}
-        # Per engine, first key -> (keys, last key, when first touched) of the last prompt
-        # touched that began with it: a conversation's next turn extends it, and only its new
-        # keys need a step (see `_num_known`).
-        self._runs: dict[EngineId, dict[RequestChunkKey, tuple[int, RequestChunkKey, float]]] = {}
+        # Per engine, the prompts touched, stamped with when they were first touched whole:
+        # a conversation's next turn extends one, and only its new keys need a step.
+        self._runs: RecentRuns[EngineId] = RecentRuns()
 
     def touch(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
         if not keys:
@@ -53,15 +52,11 @@ class WorkingSetTracker:
         if not spans or now - spans[-1][0] >= self._span_s:
             spans.append((now, set()))
         opened_at, newest = spans[-1]
-        runs = self._runs.setdefault(engine, {})
-        num_known = self._num_known(runs, keys, opened_at)  # in `newest` already
-        first = keys[0]
-        if num_known:
-            runs[first] = (len(keys), keys[-1], runs[first][2])
-        else:
-            if first not in runs and len(runs) >= _MAX_RUNS:
-                runs.clear()
-            runs[first] = (len(keys), keys[-1], now)
+        # Touched whole since `newest` opened: those keys are in it (no set drops the newest).
+        num_known, touched_at = self._runs.covered(engine, keys)
+        if touched_at < opened_at:
+            num_known = 0
+        self._runs.note(engine, keys, touched_at if num_known else now)
         # Not touched this span yet:
         moved = list(itertools.filterfalse(newest.__contains__, keys[num_known:]))
         if not moved:
@@ -71,22 +66,7 @@ class WorkingSetTracker:
             older.difference_update(moved)
         while len(spans) > 1 and sum(len(held) for _, held in spans) > self._max_tracked:
             spans.popleft()  # the oldest set, whole: the bound is coarse, the cost per key nil
-            runs.clear()  # their keys may have gone with it
-
-    @staticmethod
-    def _num_known(
-        runs: dict[RequestChunkKey, tuple[int, RequestChunkKey, float]], keys: Sequence[RequestChunkKey], since: float
-    ) -> int:
-        """How many leading `keys` were touched together at `since` or later, as the prompt
-        touched last that began with the same key (its keys are chained: the same last key,
-        the same keys), or 0."""
-        earlier = runs.get(keys[0])
-        if earlier is None:
-            return 0
-        num_keys, last, touched_at = earlier
-        if touched_at < since or num_keys > len(keys) or keys[num_keys - 1] != last:
-            return 0
-        return num_keys
+            self._runs.forget(engine)  # their keys may have gone with it
 
     def size(self, engine: EngineId) -> int:
         spans = self._recent.get(engine)
@@ -105,8 +85,10 @@ class WorkingSetTracker:
             return len(keys)
         now = self._clock()
         self._trim(spans, now)
-        # A prompt this one extends, touched within the window: all its keys are still here.
-        num_known = self._num_known(self._runs.get(engine, {}), keys, now - self._window_s)
+        # A prompt this one extends, touched whole within the window: its keys are all here.
+        num_known, touched_at = self._runs.covered(engine, keys)
+        if touched_at < now - self._window_s:
+            num_known = 0
         missing: Sequence[RequestChunkKey] = keys[num_known:]
         for _, held in reversed(spans):
             if not missing:
@@ -121,5 +103,5 @@ class WorkingSetTracker:
 
     def forget(self, engine: EngineId) -> list[RequestChunkKey]:
         """Drop the engine's working set; returns the keys it had (routed there lately)."""
-        self._runs.pop(engine, None)
+        self._runs.forget(engine)
         return [key for _, held in self._recent.pop(engine, ()) for key in held]
