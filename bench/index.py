@@ -139,7 +139,7 @@ def next_turn_ms(prompt_tokens: int, num_sessions: int = 64, num_turns: int = 6)
             for candidate in engines:
                 working_sets.num_missing(candidate, prompt)
             index.add(engine, prompt, TIER_APPROXIMATE, ttl_s=120)
-            working_sets.touch(engine, prompt)
+            working_sets.touch_prompt(engine, prompt)
             if turn:
                 samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)

@@ -146,7 +146,7 @@ class PrefixService:
                 self.index.add(endpoint.id, new_keys, TIER_SPECULATIVE, ttl_s=self._speculative_ttl_s)
         else:
             self.index.add(endpoint.id, request.chunk_keys, TIER_APPROXIMATE, ttl_s=self._approximate_ttl_s)
-        self.working_sets.touch(endpoint.id, request.chunk_keys)
+        self.working_sets.touch_prompt(endpoint.id, request.chunk_keys)
         if self._hot is not None and not request.num_prompt_tokens_estimated:
             self._hot.note(request.model, request.token_ids, request.chunk_keys, self.block_size)
 

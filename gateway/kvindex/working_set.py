@@ -44,21 +44,37 @@ class WorkingSetTracker:
         self._runs: RecentRuns[EngineId] = RecentRuns()
 
     def touch(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
+        """The engine was asked to keep `keys` (it stored them: its KV events)."""
+        if keys:
+            self._move(engine, self._newest(engine)[1], keys)
+
+    def touch_prompt(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
+        """A prompt's keys, all of them from its first: routed to the engine. One that extends
+        the prompt touched last on it with the same first key steps over its new keys only.
+        (Only prompts note runs: events' blocks would crowd them out of the bounded memo.)"""
         if not keys:
             return
+        opened_at, newest = self._newest(engine)
+        # Touched whole since `newest` opened: those keys are in it (no set drops the newest).
+        num_known, touched_at = self._runs.covered(engine, keys)
+        if touched_at < opened_at:
+            num_known = 0
+        self._runs.note(engine, keys, touched_at if num_known else self._clock())
+        self._move(engine, newest, keys[num_known:])
+
+    def _newest(self, engine: EngineId) -> tuple[float, set[RequestChunkKey]]:
+        """The engine's newest set, opened now if its span is over."""
         now = self._clock()
         spans = self._recent.setdefault(engine, deque())
         self._trim(spans, now)
         if not spans or now - spans[-1][0] >= self._span_s:
             spans.append((now, set()))
-        opened_at, newest = spans[-1]
-        # Touched whole since `newest` opened: those keys are in it (no set drops the newest).
-        num_known, touched_at = self._runs.covered(engine, keys)
-        if touched_at < opened_at:
-            num_known = 0
-        self._runs.note(engine, keys, touched_at if num_known else now)
-        # Not touched this span yet:
-        moved = list(itertools.filterfalse(newest.__contains__, keys[num_known:]))
+        return spans[-1]
+
+    def _move(self, engine: EngineId, newest: set[RequestChunkKey], keys: Sequence[RequestChunkKey]) -> None:
+        """`keys` into the engine's newest set, `newest`, and out of the others."""
+        spans = self._recent[engine]
+        moved = list(itertools.filterfalse(newest.__contains__, keys))  # not touched this span yet
         if not moved:
             return
         newest.update(moved)

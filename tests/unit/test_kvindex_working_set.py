@@ -50,12 +50,12 @@ def test_the_bound_drops_the_oldest_keys_first() -> None:
     clock = FakeClock()
     ws = WorkingSetTracker(window_s=100, max_tracked=25, clock=clock)
     for start in (0, 10, 20):
-        ws.touch(A, keys(start, 10))
+        ws.touch_prompt(A, keys(start, 10))
         clock.now += 30  # a set each
     assert ws.size(A) == 20 and ws.num_missing(A, keys(0, 30)) == 10
     assert sorted(ws.forget(A)) == keys(10, 20)
     assert ws.size(A) == 0 and ws.forget(A) == []
-    ws.touch(A, keys(40, 10))
+    ws.touch_prompt(A, keys(40, 10))
     assert sorted(ws.forget(A)) == keys(40, 10)
     ws.touch(A, keys(50, 5))
     assert ws.num_missing(A, keys(40, 10)) == 10  # forgotten, however it was touched before
@@ -74,7 +74,8 @@ def test_matches_a_time_per_key_within_a_quarter_of_the_window() -> None:
         engine = rng.choice((A, B))
         batch = keys(rng.randrange(200), rng.randrange(1, 30))
         if rng.random() < 0.6:
-            ws.touch(engine, batch)
+            # Routed prompts (their runs remembered) and stored blocks (not).
+            (ws.touch_prompt if rng.random() < 0.7 else ws.touch)(engine, batch)
             last_used[engine].update(dict.fromkeys(batch, clock.now))
             continue
         used = last_used[engine]
