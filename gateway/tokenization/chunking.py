@@ -54,7 +54,8 @@ class RecentChains:
     next step, a shared system prompt. The keys of the chunks a prompt shares with the last one
     that began with the same chunk are taken from it (one `memcmp` of their token bytes), and
     only the rest is hashed. Holds the token bytes and keys of the most recently keyed prompts,
-    `max_bytes` of them (at block 16, a key and its int take ~40 B for 64 B of tokens)."""
+    `max_bytes` of them (at block 16, a key and its int take ~40 B for 64 B of tokens). The list
+    of keys it returns is the one it holds: read only."""
 
     def __init__(self, max_bytes: int = 32 << 20) -> None:
         self._max_bytes = max_bytes
