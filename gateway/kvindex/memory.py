@@ -320,11 +320,10 @@ class InMemoryIndex:
     def evict_all_tiers(self, engine: EngineId, keys: Sequence[RequestChunkKey]) -> None:
         """One pass over the generations for every tier (an `evict` a tier took six: an engine's
         reset stalled the event loop ~20-30 ms per 2,048 keys on this machine)."""
-        slot = self._slots.get(engine)
-        if slot is None:
+        losing = self._losing_all_tiers(engine)
+        if losing is None:
             return
-        self._forget_runs(slot)
-        mine = self._engine_mask(slot)
+        _, mine = losing
         keep = ~mine
         lost: list[int] = []  # the engine's bits each key loses, for the counts
         before = after = lost_bits = -1  # the last change: keys in a row mostly share their bitset
@@ -344,11 +343,10 @@ class InMemoryIndex:
             self._uncount(lost)
 
     def clear_engine(self, engine: EngineId) -> None:
-        slot = self._slots.get(engine)
-        if slot is None:
+        losing = self._losing_all_tiers(engine)
+        if losing is None:
             return
-        self._forget_runs(slot)
-        mine = self._engine_mask(slot)
+        slot, mine = losing
         keep = ~mine
         for table in self._entries.tables():
             for key in [k for k, mask in table.items() if mask & mine]:
@@ -362,8 +360,14 @@ class InMemoryIndex:
         for expiring_key in [e for e in self._deadlines if e[0] == slot]:
             del self._deadlines[expiring_key]
 
-    def _forget_runs(self, slot: int) -> None:
+    def _losing_all_tiers(self, engine: EngineId) -> tuple[int, int] | None:
+        """The slot and every bit of an engine about to lose entries in every tier, its TTL
+        runs forgotten; None for an engine never seen."""
+        slot = self._slots.get(engine)
+        if slot is None:
+            return None
         self._runs.forget_where(lambda owner: owner[0] == slot)
+        return slot, self._engine_mask(slot)
 
     def _remove(self, key: RequestChunkKey, slot: int, index: int) -> None:
         table = self._entries.holder(key)
