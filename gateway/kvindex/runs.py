@@ -5,7 +5,7 @@ was routed where (the index's TTL entries, the working sets) would take every ke
 a dictionary step or two a key, ~0.1-0.3 ms at 16k tokens. Keys are chained, so the same key
 at the same position means the same keys before it: a prompt whose key at the last run's end
 is that run's last key extends it, and the keys the run covers were written already. Bounded
-in total, as every request can start a run (speculative entries, events' blocks).
+in total, as every request can start a run (speculative entries begin at a new key each time).
 """
 
 from __future__ import annotations
