@@ -4,6 +4,7 @@ tokenizers for which that would not hold."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ def texts(seed: int, count: int) -> list[str]:
 def test_words_join_back_to_the_text() -> None:
     for text in [*texts(1, 200), "", " ", "  ", "a", " a ", "a  b", "\n a"]:
         assert " ".join(split_words(text)) == text
+
+
+def test_words_are_cut_only_at_spaces_after_a_non_space() -> None:
+    """Every whitespace character before a space keeps that space in its pre-token: the text
+    is cut only where `(?<=\\S) ` matches, whichever way `split_words` finds that out."""
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    cases = [f"ab{space} cd ef" for space in spaces] + [f"ab {space} cd é" for space in spaces] + texts(5, 200)
+    for text in cases:
+        assert split_words(text) == re.split(r"(?<=\S) ", text), repr(text)
 
 
 def test_encodings_equal_the_tokenizers_on_varied_text(backend: Tokenizer) -> None:
