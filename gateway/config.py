@@ -331,6 +331,9 @@ class ProxyConfig(_Strict):
     # A client's own chat template (`chat_template`, or in `chat_template_kwargs`) is Jinja code:
     # refused (400) unless allowed here; allowed, it is passed to the engine, never run here.
     allow_client_chat_templates: bool = False
+    # The engines' HTTP client: the gateway's own HTTP/1.1 client (gateway.proxy.http1), or
+    # aiohttp's, a general client that costs more per request.
+    upstream_client: Literal["http1", "aiohttp"] = "http1"
 
 
 class ScorerConfig(BaseModel):
