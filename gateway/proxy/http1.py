@@ -314,6 +314,7 @@ class Http1Pool:
         self._idle: dict[Origin, deque[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
         self, url: str, method: str, path: str, headers: Mapping[str, str], body: bytes, *,
@@ -336,6 +337,8 @@ class Http1Pool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
@@ -351,8 +354,19 @@ class Http1Pool:
         if idle is None:
             idle = self._idle[connection.origin] = deque()
         idle.append(connection)
-        while idle and (idle[0].closed or now - idle[0].idle_since > IDLE_S):  # the longest idle, at the left
-            idle.popleft().close()
+        _close_stale(idle, now)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_S, self._close_stale)
+
+    def _close_stale(self) -> None:
+        """Idle connections past `IDLE_S` are closed (their sockets freed) within another
+        `IDLE_S`, also when no request comes to find them stale."""
+        now = time.monotonic()
+        for origin, idle in list(self._idle.items()):
+            _close_stale(idle, now)
+            if not idle:
+                del self._idle[origin]
+        self._sweep = asyncio.get_running_loop().call_later(IDLE_S, self._close_stale) if self._idle else None
 
     def _take(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -391,6 +405,11 @@ class Http1Pool:
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
         return connection
+
+
+def _close_stale(idle: deque[_Connection], now: float) -> None:
+    while idle and (idle[0].closed or now - idle[0].idle_since > IDLE_S):  # the longest idle, at the left
+        idle.popleft().close()
 
 
 def _request_bytes(method: str, origin: Origin, path: str, headers: Mapping[str, str], body: bytes) -> bytes:
