@@ -21,10 +21,11 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from gateway.tokenization.head import HeadEncoder
-from gateway.tokenization.segments import SegmentEncoder
+from gateway.tokenization.segments import InThread, SegmentEncoder
 
 # Pieces shorter than this are kept apart, in a small table that is emptied when full: most
 # are a template's own text between its special tokens ("user", "assistant", "\n\n"), the
@@ -96,8 +97,21 @@ class PieceEncoder:
         """An array, not a list: a long conversation is mostly cached pieces, which an array
         joins by copying memory (a list makes an object per token: 0.2 ms for 21k tokens),
         and chunk hashing reads its bytes as they are."""
+        return self._join(pieces, self._encode_missing(pieces))
+
+    async def encode_pieces_async(self, pieces: list[str], in_thread: InThread) -> array[int]:
+        """As `encode_pieces`, for the event loop, when much of the text is new: the new
+        pieces encoded from cached words a slice at a time (`SegmentEncoder.encode_async`),
+        or, where words are not exact, by the tokenizer in a worker thread."""
+        segments = self._segments
+        if segments is None:
+            return cast("array[int]", await in_thread(partial(self.encode_pieces, pieces)))
+        fresh = {piece: await segments.encode_async(piece, in_thread) for piece in self._missing(pieces)}
+        self._keep(fresh)
+        return self._join(pieces, fresh)
+
+    def _join(self, pieces: list[str], fresh: dict[str, array[int]]) -> array[int]:
         specials = self._specials
-        fresh = self._encode_missing(pieces)
         ids = array("I")
         for piece in pieces:
             special = specials.get(piece)
@@ -149,10 +163,7 @@ class PieceEncoder:
         Either way the tokenizer runs in `encode_batch`, which releases the GIL (plain `encode`
         does not, measured: a worker thread running it stalled the event loop for whole
         encodes)."""
-        with self._lock:
-            missing = list(dict.fromkeys(
-                p for p in pieces if len(p) >= MIN_CACHED_CHARS and p not in self._specials and p not in self._cache
-            ))  # fmt: skip
+        missing = self._missing(pieces)
         if not missing:
             return {}
         segments = self._segments
@@ -161,6 +172,19 @@ class PieceEncoder:
         else:
             encodings = self._backend.encode_batch(missing, add_special_tokens=False)
             fresh = {piece: array("I", encoding.ids) for piece, encoding in zip(missing, encodings)}
+        self._keep(fresh)
+        return fresh
+
+    def _missing(self, pieces: list[str]) -> list[str]:
+        """The long pieces not cached, each once."""
+        with self._lock:
+            return list(dict.fromkeys(
+                p for p in pieces if len(p) >= MIN_CACHED_CHARS and p not in self._specials and p not in self._cache
+            ))  # fmt: skip
+
+    def _keep(self, fresh: dict[str, array[int]]) -> None:
+        if not fresh:
+            return
         with self._lock:
             self.misses += len(fresh)
             for piece, encoded in fresh.items():
@@ -170,7 +194,6 @@ class PieceEncoder:
             while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
                 _, evicted = self._cache.popitem(last=False)
                 self._cached_tokens -= len(evicted)
-        return fresh
 
     def _short_ids(self, piece: str) -> list[int]:
         found = self._short.get(piece)

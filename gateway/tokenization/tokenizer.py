@@ -152,7 +152,7 @@ class HFPromptTokenizer:
             if pieces.uncached_chars(split) < self._offload_min_chars:
                 ids = pieces.encode_pieces(split)
             else:
-                ids = await asyncio.get_running_loop().run_in_executor(self._executor, pieces.encode_pieces, split)
+                ids = await pieces.encode_pieces_async(split, self._in_worker_thread)
             self._sample(split, False, ids)
             return _whole(ids)
         if isinstance(prompt, TextPrompt) and heads is not None and enough is not None:
@@ -194,6 +194,9 @@ class HFPromptTokenizer:
                 return False
             self._backlog_chars += num_chars
             return True
+
+    async def _in_worker_thread(self, work: Callable[[], object]) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     def _in_background(self, num_chars: int, work: Callable[[], object]) -> None:
         def release(_: object) -> None:

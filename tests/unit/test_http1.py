@@ -18,7 +18,7 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, None]], None]:
-    return asyncio.run if request.param == "asyncio" else uvloop.run  # type: ignore[return-value]
+    return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
 class Server:

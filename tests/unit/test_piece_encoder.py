@@ -3,7 +3,9 @@ encoder refuses tokenizers for which that would not hold."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,38 @@ def test_growing_conversations_equal_whole_text_encoding(tokenizer: HFPromptToke
             assert tokenizer.encode(prompt) == whole
             messages.append({"role": "assistant", "content": words(rng, rng.randint(0, 120))})
     assert pieces.hits > 50  # the system prompt and every earlier turn came from the cache
+
+
+def test_chats_encoded_on_the_event_loop_equal_whole_text_encoding(tiny_model_dir: Path) -> None:
+    """`encode_pieces_async`: new pieces from cached words a slice at a time on the loop, the
+    words never seen in a worker thread when a slice has many; the ids are the same."""
+    tokenizer = HFPromptTokenizer(tiny_model_dir)
+    pieces = tokenizer.piece_cache
+    assert pieces is not None
+    rng = random.Random(8)
+    num_in_thread = 0
+
+    async def in_thread(work: Callable[[], object]) -> object:
+        nonlocal num_in_thread
+        num_in_thread += 1
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def scenario() -> None:
+        for conversation in range(4):
+            # Long (several slices), and of words mostly never seen: some go to the thread.
+            system = " ".join(f"w{rng.randrange(10**6)}{words(rng, 3)}" for _ in range(rng.randint(100, 2500)))
+            messages = [{"role": "system", "content": system}]
+            for turn in range(3):
+                messages.append({"role": "user", "content": words(rng, rng.randint(0, 300))})
+                prompt = ChatPrompt(messages=list(messages), add_generation_prompt=True)
+                text = tokenizer._render(prompt)
+                whole = tokenizer._tokenizer.encode(text, add_special_tokens=False)
+                assert (await pieces.encode_pieces_async(pieces.split(text), in_thread)).tolist() == whole
+                messages.append({"role": "assistant", "content": words(rng, rng.randint(0, 120))})
+
+    asyncio.run(scenario())
+    assert num_in_thread > 0
+    tokenizer.close()
 
 
 def test_the_cache_is_bounded_by_tokens(tokenizer: HFPromptTokenizer) -> None:
