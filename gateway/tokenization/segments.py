@@ -174,24 +174,19 @@ class SegmentEncoder:
 
     def _encode_words(self, words: Sequence[str], max_unseen: int | None) -> array[int] | None:
         """The words' ids; None, nothing encoded, when more than `max_unseen` were never seen."""
-        ids = None
+        rest = words[1:]
+        found = list(map(self._spaced.get, rest))
+        if None in found:
+            unseen = [w for w, f in zip(rest, found) if f is None]
+            if max_unseen is not None and len(unseen) > max_unseen:
+                return None
+            fresh = self._fill(self._spaced, unseen, " ")
+            found = [f if f is not None else fresh[w] for w, f in zip(rest, found)]
         first = self._first.get(words[0])
-        if first is not None:
-            ids = array("I", first)
-        if len(words) > 1:
-            rest = words[1:]
-            found = list(map(self._spaced.get, rest))
-            if None in found:
-                unseen = [w for w, f in zip(rest, found) if f is None]
-                if max_unseen is not None and len(unseen) > max_unseen:
-                    return None
-                fresh = self._fill(self._spaced, unseen, " ")
-                found = [f if f is not None else fresh[w] for w, f in zip(rest, found)]
-            if ids is None:
-                ids = array("I", self._fill(self._first, [words[0]], "")[words[0]])
-            ids.frombytes(b"".join(found))  # type: ignore[arg-type]  # every None was filled
-        elif ids is None:
-            ids = array("I", self._fill(self._first, [words[0]], "")[words[0]])
+        if first is None:
+            first = self._fill(self._first, [words[0]], "")[words[0]]
+        ids = array("I", first)
+        ids.frombytes(b"".join(found))  # type: ignore[arg-type]  # every None was filled
         return ids
 
     def _fill_unseen(self, words: Sequence[str]) -> None:
