@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from gateway.tokenization.segments import SLICE_CHARS, SegmentEncoder, _slices, split_words
+from gateway.tokenization import segments
+from gateway.tokenization.segments import THREAD_SLICE_CHARS, SegmentEncoder, _slices, split_words
 from gateway.tokenization.tokenizer import _SEGMENT_PROBES, COMPLETIONS_PATH, HFPromptTokenizer
 
 
@@ -89,13 +90,20 @@ def test_tokenizers_where_words_are_not_exact_are_refused() -> None:
     assert SegmentEncoder.for_tokenizer(spaces, ["ab cd e"]) is None
 
 
-def test_a_long_text_encoded_off_the_event_loop_slice_by_slice_is_exact(backend: Tokenizer) -> None:
+def test_a_long_text_encoded_off_the_event_loop_slice_by_slice_is_exact(
+    backend: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hand_overs = []
+    monkeypatch.setattr(segments, "_hand_over_the_gil", lambda: hand_overs.append(1))
     encoder = SegmentEncoder(backend)
     for text in texts(5, 40):
         long_text = text * 40  # several slices, cut wherever a word starts
-        slices = list(_slices(long_text, SLICE_CHARS))
-        assert "".join(slices) == long_text and (len(slices) > 1 or len(long_text) < 2 * SLICE_CHARS)
+        slices = list(_slices(long_text, THREAD_SLICE_CHARS))
+        assert "".join(slices) == long_text and (len(slices) > 1 or len(long_text) < 2 * THREAD_SLICE_CHARS)
+        hand_overs.clear()
         assert encoder.encode(long_text).tolist() == backend.encode(long_text, add_special_tokens=False).ids
+        # The GIL offered to the event loop after each slice (a text of one slice: no need).
+        assert len(hand_overs) == (len(slices) if len(long_text) > THREAD_SLICE_CHARS else 0)
 
 
 def test_special_tokens_around_a_text_are_the_tokenizers(backend: Tokenizer) -> None:
