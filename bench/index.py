@@ -17,11 +17,18 @@ import random
 import statistics
 import time
 import tracemalloc
+from collections.abc import Callable
 
 from bench.common import markdown_table, write_report
 from gateway.kvindex.base import TIER_GPU
 from gateway.kvindex.memory import InMemoryIndex
 from gateway.types import EngineId, RequestChunkKey
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> float:
+    """The median of `runs` measurements: on a shared machine one run can fall on a slow
+    moment (the event ingest measured 464k blocks/s once, 730-750k in the runs around it)."""
+    return statistics.median(measure() for _ in range(runs))
 
 
 def keys(start: int, count: int) -> list[RequestChunkKey]:
@@ -184,13 +191,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
+    runs = 3 if args.quick else 5
     rows = [
-        ["index.add, 8 engines", f"{ingest_rate(1_000_000 // scale, 8):,.0f} blocks/s", "≥ 500,000 blocks/s"],
-        ["index.add, 256 engines", f"{ingest_rate(1_000_000 // scale, 256):,.0f} blocks/s", "≥ 500,000 blocks/s"],
-        ["index.add at capacity (250k; a key dropped per new one), 8 engines",
-         f"{ingest_rate(1_000_000 // scale, 8, 250_000 // scale):,.0f} blocks/s", "≥ 500,000 blocks/s"],
-        ["event ingest (keys from tokens, block 16), 8 engines",
-         f"{event_ingest_rate(200_000 // scale, 8):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        [f"index.add, 8 engines (median of {runs})",
+         f"{median_of(runs, lambda: ingest_rate(1_000_000 // scale, 8)):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        [f"index.add, 256 engines (median of {runs})",
+         f"{median_of(runs, lambda: ingest_rate(1_000_000 // scale, 256)):,.0f} blocks/s", "≥ 500,000 blocks/s"],
+        [f"index.add at capacity (250k; a key dropped per new one), 8 engines (median of {runs})",
+         f"{median_of(runs, lambda: ingest_rate(1_000_000 // scale, 8, 250_000 // scale)):,.0f} blocks/s",
+         "≥ 500,000 blocks/s"],
+        [f"event ingest (keys from tokens, block 16), 8 engines (median of {runs})",
+         f"{median_of(runs, lambda: event_ingest_rate(200_000 // scale, 8)):,.0f} blocks/s", "≥ 500,000 blocks/s"],
         ["drop an engine's keys (1 of 8 engines, 2M keys)", f"{drop_us_per_key(2_000_000 // scale, 8):.2f} µs/key", ""],
         ["lookup 32k tokens (2,048 keys), 8 engines", f"{lookup_ms(2048, 8, 50):.3f} ms", ""],
         ["lookup 32k tokens (2,048 keys), 256 engines", f"{lookup_ms(2048, 256, 50):.3f} ms", "≤ 0.5 ms"],
