@@ -93,7 +93,7 @@ def test_tokenizers_where_words_are_not_exact_are_refused() -> None:
 def test_a_long_text_encoded_off_the_event_loop_slice_by_slice_is_exact(
     backend: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hand_overs = []
+    hand_overs: list[int] = []
     monkeypatch.setattr(segments, "_hand_over_the_gil", lambda: hand_overs.append(1))
     encoder = SegmentEncoder(backend)
     for text in texts(5, 40):
