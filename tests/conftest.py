@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from engine_adapter.launch.launcher import EngineFleet, EngineSpec, local_specs
+from engine_adapter.launch.process import remove_unmapped
 from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,27 @@ EMBED_MODEL_NAME = "tiny-embed"
 BLOCK_SIZE = 32
 KV_BLOCKS_PER_ENGINE = 320
 MAX_MODEL_LEN = 8192
+
+
+SHARED_MEMORY_DIR = Path("/dev/shm")
+
+
+def _shared_memory_files() -> set[str]:
+    try:
+        return {entry.path for entry in os.scandir(SHARED_MEMORY_DIR)}
+    except OSError:  # no /dev/shm (not Linux)
+        return set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left() -> Iterator[None]:
+    """Set up first, torn down last: the /dev/shm files that appeared during the run and that
+    no live process maps any more are removed. A vLLM process that dies by SIGKILL (a test's
+    crashed engine core, an engine stopped the hard way) leaves its message queues there
+    (160 MB each) and multiprocessing's semaphores; a run left one queue and two semaphores."""
+    before = _shared_memory_files()
+    yield
+    remove_unmapped(_shared_memory_files() - before)
 
 
 @pytest.fixture(scope="session")
