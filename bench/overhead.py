@@ -35,6 +35,11 @@ Phases, each bounded in count and time:
    lowest unclean one. Clean: no errors, p99 < `--p99-limit-ms`, and at least 90 % of the
    offered rate completed. The highest clean rate reported is the highest clean rate below the
    lowest unclean one.
+4. overload (routers only): one more phase at `--overload-rate`, past what a router carries,
+   its connections opened by the client's pool as it needs them (16 beforehand, as in every
+   open-loop phase). What the router must do there: refuse
+   the excess at once (429 or 503), answer what it admits within `--p99-limit-ms` (p99), and
+   lose nothing (no timeout, no dropped connection).
 
 During every phase a `GET /health` probe every 20 ms measures the router's event-loop lag
 (p99), next to the same probe against the idle fake engine. CPU: user+system seconds of the
@@ -609,6 +614,7 @@ class Target:
     seq: dict[str, SequentialResult] = field(default_factory=dict)
     seq_cpu_ms: dict[str, float | None] = field(default_factory=dict)
     points: list[RatePoint] = field(default_factory=list)
+    overload: RatePoint | None = None  # the overload phase (routers only)
     error: str | None = None
 
     @property
@@ -634,6 +640,7 @@ class Plan:
     words: Words
     seq_probe: bool = True
     seed: int = 1
+    overload_rate: float = 0.0  # 0: no overload phase
 
 
 def _cpu_ms_per_request(target: Target, before: float, wall_s: float, requests: int) -> float | None:
@@ -741,6 +748,8 @@ def measure_open_loop(plan: Plan, target: Target, tokens: int) -> None:
             break
         target.points.append(run_rate(search))
     target.points.sort(key=lambda p: p.offered)
+    if plan.overload_rate > 0 and target.kind != "direct":
+        target.overload = run_rate(plan.overload_rate)
 
 
 def wait_gateway_ready(url: str, model: str, policy: str, timeout_s: float = 20) -> None:
@@ -842,16 +851,31 @@ def summary_rows(targets: Sequence[Target], direct: Target, plan: Plan, ref_rate
 def open_loop_rows(targets: Sequence[Target], plan: Plan) -> list[list[str]]:
     rows = []
     for target in targets:
-        for p in target.points:
+        for p in [*target.points, *([target.overload] if target.overload else [])]:
             if p.skipped:
                 rows.append([target.name, f"{p.offered:g}", "skipped (a lower rate was overloaded)", "", "", "", "", "", "", "", "", ""])
                 continue
             kinds = " ".join(f"{k}:{v}" for k, v in sorted(p.error_kinds.items()))
-            rows.append([target.name, f"{p.offered:g}", str(p.sent), _fmt(p.achieved, 0), _fmt(p.p50_ms),
+            offered = f"{p.offered:g}" + (" (overload)" if p is target.overload else "")
+            rows.append([target.name, offered, str(p.sent), _fmt(p.achieved, 0), _fmt(p.p50_ms),
                          _fmt(p.p99_ms), f"{p.errors} {kinds}".strip(), _fmt(p.error_p50_ms, 1),
                          _fmt(p.cpu_ms_per_request), _fmt(p.client_lag_p99_ms, 1), _fmt(p.others_cores),
                          _fmt(p.probe_p99_ms, 1) + (" ok" if is_clean(p, plan.p99_limit_ms) else " x")])  # fmt: skip
     return rows
+
+
+REFUSALS = ("429", "503")  # what admission control answers with, Retry-After included
+
+
+def overload_checks(point: RatePoint, p99_limit_ms: float) -> list[tuple[str, float, str, bool]]:
+    """(measure, value, goal, met) for a phase past capacity: what is admitted is answered in
+    time, and every other request is refused, none lost (timed out, reset, answered 5xx)."""
+    lost = sum(n for kind, n in point.error_kinds.items() if kind not in REFUSALS)
+    where = f"overload @{point.offered:g}/s"
+    return [
+        (f"{where}: admitted p99 (ms)", point.p99_ms, f"<= {p99_limit_ms:g}", point.p99_ms <= p99_limit_ms),
+        (f"{where}: requests neither answered nor refused", float(lost), "0", lost == 0),
+    ]
 
 
 def verdict_rows(targets: Sequence[Target], direct: Target, plan: Plan) -> list[list[str]]:
@@ -887,6 +911,10 @@ def verdict_rows(targets: Sequence[Target], direct: Target, plan: Plan) -> list[
             rows.append([t.name, label, _fmt(value), f"<= {goal:g}", "PASS" if value <= goal else "FAIL"])
         rows.append([t.name, "highest clean rate (req/s)", clean_rate_label(t.points, plan.p99_limit_ms), ">= 500",
                      "PASS" if best >= 500 else "FAIL"])  # fmt: skip
+        if t.overload is not None and t.overload.sent:
+            for label, value, wanted, met in overload_checks(t.overload, plan.p99_limit_ms):
+                rows.append([t.name, label, _fmt(value, 0 if label.endswith("refused") else 2), wanted,
+                             "PASS" if met else "FAIL"])  # fmt: skip
     return rows
 
 
@@ -958,6 +986,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=5000, help="requests per open-loop rate at most")
     parser.add_argument("--search-steps", type=int, help="extra rates bisecting to the highest clean one (default 2; quick 1)")
     parser.add_argument("--timeout", type=float, default=2.0, help="open-loop request timeout, s (counts as an error)")
+    parser.add_argument("--overload-rate", type=float, default=2000.0,
+                        help="req/s of the overload phase, past the routers' capacity (0: none)")
     parser.add_argument("--p99-limit-ms", type=float, default=100.0)
     parser.add_argument("--ref-rate", type=float, default=200.0, help="open-loop rate shown in the summary table")
     parser.add_argument("--stream", action="store_true", help="streamed chats (latency to the last byte)")
@@ -1003,6 +1033,7 @@ def run(args: argparse.Namespace) -> str:
         rates=_floats(args.rates), duration_s=args.duration, max_requests=args.max_requests, timeout_s=args.timeout,
         seq_timeout_s=30.0, seq_max_s=60.0 if not args.quick else 20.0, search_steps=args.search_steps,
         seq_probe=not args.no_seq_probe, p99_limit_ms=args.p99_limit_ms, idle_s=1.5 if args.quick else 2.0, words=make_words(vocab, tokens_per_word),
+        overload_rate=args.overload_rate,
     )  # fmt: skip
     workloads = seq_workloads(plan)
     warm_up = chat_body(plan.model, [{"role": "user", "content": "warm up"}], plan.stream)
@@ -1095,6 +1126,9 @@ def run(args: argparse.Namespace) -> str:
         f" ({'streamed' if plan.stream else 'non-streamed'}, max_tokens 3). Prompt sizes: {'; '.join(token_notes)}.",
         f"Open loop: Poisson, {plan.duration_s:g} s per rate (at most {plan.max_requests} requests), timeout "
         f"{plan.timeout_s:g} s; clean = 0 errors, p99 < {plan.p99_limit_ms:g} ms, >= 90 % of the rate completed.",
+        (f"Overload (routers only): {plan.overload_rate:g} req/s, the same way, its connections opened as the"
+         " client's pool needs them; refusals (429, 503) are expected, anything else counts as lost."
+         if plan.overload_rate > 0 else "No overload phase."),
         f"Probe (GET /health every {PROBE_INTERVAL_S * 1000:.0f} ms) p99 when idle: {idle}.",
         "CPU ms/req: the target's process tree (user+system), minus its idle rate, per request sent to it"
         " (direct: the fake engines). Others' CPU: cores busy with processes not started by this benchmark"

@@ -23,6 +23,7 @@ from bench.overhead import (
     is_clean,
     mixed_schedule,
     next_search_rate,
+    overload_checks,
     plan_cpus,
     poisson_arrivals,
     repeat_requests,
@@ -100,6 +101,19 @@ def test_labels_say_when_no_ceiling_or_no_floor_was_seen() -> None:
     assert clean_rate_label([point(100), point(500, errors=2)]) == "100"
     assert clean_rate_label([point(100, p99=300)]) == "<100"
     assert clean_rate_label([]) == "-"
+
+
+def test_overload_passes_when_the_excess_is_refused_and_the_admitted_answered_in_time() -> None:
+    def verdicts(p99_ms: float, **error_kinds: int) -> list[bool]:
+        over = RatePoint(offered=2000, sent=5000, ok=3000, p99_ms=p99_ms, errors=sum(error_kinds.values()),
+                         error_kinds={kind.lstrip("_"): n for kind, n in error_kinds.items()})  # fmt: skip
+        return [met for _, _, _, met in overload_checks(over, p99_limit_ms=100)]
+
+    assert verdicts(80.0, _503=1500, _429=500) == [True, True]
+    assert verdicts(140.0, _503=2000) == [False, True]  # admitted, but answered late
+    assert verdicts(80.0, _503=1990, timeout=10) == [True, False]  # lost: neither answered nor refused
+    assert verdicts(80.0, _503=1990, conn=5, _502=5) == [True, False]
+    assert verdicts(float("nan"), _503=5000) == [False, True]  # nothing admitted: no latency to show
 
 
 def test_search_bisects_between_clean_and_unclean() -> None:
