@@ -10,7 +10,8 @@ window with a single tick is a single stall (a long garbage collection, a blocki
 queue: it counts as 0.
 
 Cost: one timer callback per `interval_s` (200 a second at 5 ms), a clock read and two
-comparisons each; `standing_s` is a field read.
+comparisons each; `standing_s` is a field read, `late_now_s` (how far the pass running now has
+gone past the next tick) a clock read.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class EventLoopLag:
         self.observe(now, max(0.0, now - self._due))
         # From now, not from when it was due: a stalled loop gets one late tick, not a burst.
         self._schedule(loop, now)
+
+    def late_now_s(self) -> float:
+        """How late the tick due next is already (0 when it is not due yet, or not running):
+        how far the pass of the loop now running has gone past it."""
+        return max(0.0, self._clock() - self._due) if self._timer is not None else 0.0
 
     def observe(self, now: float, late_s: float) -> None:
         """A tick `late_s` late at `now` (the timer's; tests call it with their own)."""

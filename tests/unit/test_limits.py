@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from bench.fake_engine import FakeEngine
 from gateway.api.auth import APIKeys
-from gateway.limits.admission import ARRIVALS_WINDOW_S, MIN_ARRIVALS_FOR_LAG, Admission
+from gateway.limits.admission import ARRIVALS_WINDOW_S, MIN_ARRIVALS_FOR_LAG, MIN_ARRIVALS_IN_A_LONG_PASS, Admission
 from gateway.limits.loop_lag import EventLoopLag
 from tests.harness import GatewayProcess, GatewayServer, fake_engine_in_thread, gateway_config
 from tests.unit.fake_engines import Engines
@@ -443,7 +443,7 @@ def hogged(held: HeldEngines, gateway: GatewayServer) -> Iterator[None]:
 def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_answer(
     gateway_factory: Callable[..., GatewayServer], held: HeldEngines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A standing 30 ms behind is over `max_event_loop_lag_s` (20 ms by default): while
+    """A standing 30 ms behind is over `max_event_loop_lag_s` (10 ms by default): while
     requests keep arriving, new ones are refused until the loop catches up. (Here every
     arrival counts as a backlog: a test client behind a loop that slow cannot send the
     `MIN_ARRIVALS_FOR_LAG` a real overload does; `test_admission_counts_lag_only_while_requests_keep_arriving`
@@ -471,10 +471,23 @@ def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_ans
 class StandingLag:
     standing_s = 0.05
 
+    def late_now_s(self) -> float:
+        return 0.0
 
-def test_admission_counts_lag_only_while_requests_keep_arriving() -> None:
-    """Behind a lagging loop, a few requests now and then are admitted; once
-    `MIN_ARRIVALS_FOR_LAG` arrive within a window and the one before, the rest are refused."""
+
+class LongPass:
+    """No standing lag yet (no window has closed behind), but the pass now running is 50 ms
+    past its timers."""
+
+    standing_s = 0.0
+
+    def late_now_s(self) -> float:
+        return 0.05
+
+
+def admitted_spaced_then_in_a_burst(lag: object, burst_size: int) -> tuple[list[int], list[int], list[str]]:
+    """Statuses of 4 requests one each 2.5 arrival windows (never a backlog), then of
+    `burst_size` back to back, through Admission behind `lag` (20 ms allowed); the reasons."""
     reasons: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -482,7 +495,7 @@ def test_admission_counts_lag_only_while_requests_keep_arriving() -> None:
         await send({"type": "http.response.body", "body": b""})
 
     admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
-                          on_reject=reasons.append, loop_lag=cast(EventLoopLag, StandingLag()),
+                          on_reject=reasons.append, loop_lag=cast(EventLoopLag, lag),
                           max_loop_lag_s=0.02)  # fmt: skip
 
     async def one() -> int:
@@ -499,15 +512,31 @@ def test_admission_counts_lag_only_while_requests_keep_arriving() -> None:
 
     async def scenario() -> tuple[list[int], list[int]]:
         spaced = []
-        for _ in range(4):  # one each 2.5 windows: never a backlog
+        for _ in range(4):
             spaced.append(await one())
             await asyncio.sleep(2.5 * ARRIVALS_WINDOW_S)
-        burst = [await one() for _ in range(MIN_ARRIVALS_FOR_LAG + 4)]
+        burst = [await one() for _ in range(burst_size)]
         return spaced, burst
 
     spaced, burst = asyncio.run(scenario())
+    return spaced, burst, reasons
+
+
+def test_admission_counts_lag_only_while_requests_keep_arriving() -> None:
+    """Behind a lagging loop, a few requests now and then are admitted; once
+    `MIN_ARRIVALS_FOR_LAG` arrive within a window and the one before, the rest are refused."""
+    spaced, burst, reasons = admitted_spaced_then_in_a_burst(StandingLag(), MIN_ARRIVALS_FOR_LAG + 4)
     assert spaced == [200] * 4
     assert burst == [200] * (MIN_ARRIVALS_FOR_LAG - 1) + [503] * 5 and reasons == ["event_loop_lag"] * 5
+
+
+def test_a_long_pass_refuses_a_flood_before_any_window_closes() -> None:
+    """A pass of the loop already past the allowed lag refuses what arrives in it once a flood
+    does (`MIN_ARRIVALS_IN_A_LONG_PASS`), not a burst a test or a few clients send."""
+    spaced, burst, reasons = admitted_spaced_then_in_a_burst(LongPass(), MIN_ARRIVALS_IN_A_LONG_PASS + 4)
+    assert spaced == [200] * 4
+    assert MIN_ARRIVALS_IN_A_LONG_PASS > 2 * MIN_ARRIVALS_FOR_LAG
+    assert burst == [200] * (MIN_ARRIVALS_IN_A_LONG_PASS - 1) + [503] * 5 and reasons == ["event_loop_lag"] * 5
 
 
 @pytest.mark.parametrize("limits", [{"max_event_loop_lag_s": None}, {}], ids=["no-cap", "sequential"])

@@ -65,3 +65,22 @@ def test_a_hogged_loop_shows_its_lag_and_loses_it_once_the_hog_stops() -> None:
     hogged, after = asyncio.run(scenario())
     assert hogged >= 0.02  # ~0.03 and a bit: each pass holds the loop 30 ms
     assert after < 0.005  # timer jitter only (uvloop's clock has millisecond steps)
+
+
+def test_late_now_is_how_far_the_running_pass_has_gone_past_the_next_tick() -> None:
+    clock = [0.0]
+    lag = EventLoopLag(interval_s=0.005, clock=lambda: clock[0])
+    assert lag.late_now_s() == 0.0  # not started
+
+    async def scenario() -> tuple[float, float]:
+        lag.start(asyncio.get_running_loop())  # the next tick due at 5 ms
+        clock[0] = 0.002
+        early = lag.late_now_s()
+        clock[0] = 0.030  # the loop has not come back to its timers since
+        late = lag.late_now_s()
+        lag.stop()
+        return early, late
+
+    early, late = asyncio.run(scenario())
+    assert early == 0.0 and abs(late - 0.025) < 1e-9
+    assert lag.late_now_s() == 0.0  # stopped
