@@ -42,9 +42,10 @@ ARRIVALS_WINDOW_S = 0.1
 # first step and answer fall in different passes) grew to tens of ms: admitted requests
 # waited 0.1-0.15 s at p99 (one worker offered 1,600-2,000 req/s against ~1,100 it serves).
 # So a pass already `max_event_loop_lag_s` past its timers refuses the rest of its arrivals
-# too: 73-82 ms at p99 then (with the 10 ms default; the client's connections open already). A flood only (at least this many arriving behind it, 320-640
-# per second): a busy machine that holds the worker off its core for a pass delays a test's
-# or a few clients' burst, which is no reason to refuse it.
+# too: 73-82 ms at p99 then (with the 10 ms default; the client's connections open already).
+# A flood only (at least this many arriving behind it, 320-640 per second): a busy machine
+# that holds the worker off its core for a pass delays a test's or a few clients' burst,
+# which is no reason to refuse it.
 MIN_ARRIVALS_IN_A_LONG_PASS = 64
 
 
