@@ -101,7 +101,7 @@ class Admission:
             await self._refuse(scope, receive, send, "concurrency", Overloaded(
                 "The gateway is at its limit of concurrent requests; retry shortly."))  # fmt: skip
             return
-        if self._loop_lag is not None and self._behind():
+        if self._loop_lag is not None and self._behind(self._loop_lag):
             await self._refuse(scope, receive, send, "event_loop_lag", Overloaded(
                 "The gateway is receiving more requests than it can process; retry shortly."))  # fmt: skip
             return
@@ -119,13 +119,12 @@ class Admission:
                 else:
                     del self._key_in_flight[key]
 
-    def _behind(self) -> bool:
+    def _behind(self, lag: EventLoopLag) -> bool:
         """The loop runs a standing `max_loop_lag_s` behind, or the pass it is in has run that
         far past its timers, while requests keep arriving (fewer needed for the first)."""
-        assert self._loop_lag is not None
-        if self._loop_lag.standing_s > self._max_loop_lag_s:
+        if lag.standing_s > self._max_loop_lag_s:
             return self._recent_arrivals() >= MIN_ARRIVALS_FOR_LAG
-        if self._loop_lag.late_now_s() > self._max_loop_lag_s:
+        if lag.late_now_s() > self._max_loop_lag_s:
             return self._recent_arrivals() >= MIN_ARRIVALS_IN_A_LONG_PASS
         return False
 
