@@ -21,6 +21,7 @@ from gateway.config import ConfigError, EngineConfig, GatewayConfig, LocalEngine
 from gateway.config_file import ConfigFile
 from gateway.limits.open_files import fit_to_open_files, raise_open_files_limit
 from gateway.limits.protocol import limited_http_protocol
+from gateway.listen import bind
 from gateway.reload import ignore_hangup_until_serving
 
 logger = logging.getLogger("gateway")
@@ -99,8 +100,8 @@ def serve(config: GatewayConfig, file: ConfigFile, digest: str) -> None:
             from gateway.app import build_app
 
             app = build_app(config, config_file=file, config_digest=digest, freeze_gc=True)
-            server = uvicorn.Server(uvicorn.Config(app, **server_options(config)))
-            server.run()
+            uvicorn_config = uvicorn.Config(app, **server_options(config))
+            uvicorn.Server(uvicorn_config).run(sockets=bind(uvicorn_config))
     except KeyboardInterrupt:
         pass
     finally:

@@ -38,6 +38,7 @@ from uvicorn.supervisors import Multiprocess
 
 from gateway.config import GatewayConfig, parse_config
 from gateway.config_file import ConfigFile
+from gateway.listen import bind
 
 CONFIG_ENV = "PREFIX_GATEWAY_CONFIG"
 SHARED_ENV = "PREFIX_GATEWAY_SHARED"
@@ -114,11 +115,12 @@ class _Supervisor(Multiprocess):
 
 def run_supervisor(config: uvicorn.Config) -> None:
     """What `uvicorn.run(..., workers=N)` does, with `_Supervisor`."""
-    sock = config.bind_socket()
+    sockets = bind(config)
     try:
-        options: dict[str, Any] = {"sockets": [sock]}
+        options: dict[str, Any] = {"sockets": sockets}
         if "target" in inspect.signature(Multiprocess.__init__).parameters:  # uvicorn before 0.4x
             options["target"] = uvicorn.Server(config).run
         _Supervisor(config, **options).run()
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()

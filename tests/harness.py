@@ -27,6 +27,7 @@ from engine_adapter.launch.launcher import EngineFleet
 from gateway.app import build_app
 from gateway.cli import fit_to_host, server_options
 from gateway.config import GatewayConfig, parse_config
+from gateway.listen import bind
 
 
 _handed_out: set[int] = set()
@@ -75,8 +76,10 @@ class GatewayServer:
         self.config = fit_to_host(config)
         self.app = build_app(self.config, transport=transport)
         options = {**server_options(self.config), "host": "127.0.0.1", "port": self.port, "log_level": "warning"}
-        self._server = uvicorn.Server(uvicorn.Config(self.app, lifespan="on", **options))
-        self._thread = threading.Thread(target=self._server.run, name=f"gateway-{self.port}", daemon=True)
+        uvicorn_config = uvicorn.Config(self.app, lifespan="on", **options)
+        self._server = uvicorn.Server(uvicorn_config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": bind(uvicorn_config)},
+                                        name=f"gateway-{self.port}", daemon=True)  # fmt: skip
 
     @property
     def url(self) -> str:
