@@ -12,7 +12,8 @@ and requests on the last ones waited 0.6 s before a byte of them was read.
 
 So the loop polls `ACCEPTS_PER_PASS` descriptors of the same socket (`dup`), each accepting one
 connection per pass. Cost: a new connection wakes all of them, and all but one find nothing to
-accept (one `accept4` each, about a microsecond); connections the clients keep open cost nothing.
+accept (one `accept4` each, ~3 µs): a `/health` on a new connection took 313-353 µs of the
+worker's CPU against 273-293 with one descriptor. Connections the clients keep open cost nothing.
 """
 
 from __future__ import annotations
