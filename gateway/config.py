@@ -124,8 +124,9 @@ class LimitsConfig(_Strict):
     max_requests_routing: int | None = Field(default=8, ge=1)
     # A worker whose event loop runs at least this far behind through a whole 0.1 s window
     # (gateway.limits.loop_lag: more requests than it can even read and answer), or in one
-    # pass under a flood, refuses new ones with 503 until it catches up. None: never.
-    max_event_loop_lag_s: float | None = Field(default=0.01, gt=0)
+    # pass under a flood, refuses new ones with 503 until it catches up, then admits at most
+    # 0.8 of what that window admitted, a little more each window. None: never.
+    max_event_loop_lag_s: float | None = Field(default=0.005, gt=0)
     # Sent as Retry-After with every 503 and 429 above (whole seconds, as HTTP has it).
     retry_after_s: int = Field(default=1, ge=0)
 

@@ -41,6 +41,7 @@ class EventLoopLag:
         self._window_ticks = 0
         # The last whole window's smallest lateness (0 until one has passed).
         self.standing_s = 0.0
+        self.num_windows = 0  # closed so far: a reader notices when the next one closes
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:
@@ -81,6 +82,7 @@ class EventLoopLag:
         self._window_ticks += 1
         if now >= self._window_ends:
             self.standing_s = self._window_min_s if self._window_ticks > 1 else 0.0
+            self.num_windows += 1
             self._window_min_s = float("inf")
             self._window_ticks = 0
             self._window_ends = now + self._window_s

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import select
 import socket
 import threading
@@ -27,7 +28,14 @@ from starlette.types import Message, Receive, Scope, Send
 
 from bench.fake_engine import FakeEngine
 from gateway.api.auth import APIKeys
-from gateway.limits.admission import ARRIVALS_WINDOW_S, MIN_ARRIVALS_FOR_LAG, MIN_ARRIVALS_IN_A_LONG_PASS, Admission
+from gateway.limits.admission import (
+    ADMIT_DECREASE,
+    ADMIT_INCREASE,
+    ARRIVALS_WINDOW_S,
+    MIN_ARRIVALS_FOR_LAG,
+    MIN_ARRIVALS_IN_A_LONG_PASS,
+    Admission,
+)
 from gateway.limits.loop_lag import EventLoopLag
 from tests.harness import GatewayProcess, GatewayServer, fake_engine_in_thread, gateway_config
 from tests.unit.fake_engines import Engines
@@ -443,7 +451,7 @@ def hogged(held: HeldEngines, gateway: GatewayServer) -> Iterator[None]:
 def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_answer(
     gateway_factory: Callable[..., GatewayServer], held: HeldEngines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A standing 30 ms behind is over `max_event_loop_lag_s` (10 ms by default): while
+    """A standing 30 ms behind is over `max_event_loop_lag_s` (5 ms by default): while
     requests keep arriving, new ones are refused until the loop catches up. (Here every
     arrival counts as a backlog: a test client behind a loop that slow cannot send the
     `MIN_ARRIVALS_FOR_LAG` a real overload does; `test_admission_counts_lag_only_while_requests_keep_arriving`
@@ -470,6 +478,7 @@ def test_while_the_event_loop_lags_requests_get_503_at_once_and_probes_still_ans
 
 class StandingLag:
     standing_s = 0.05
+    num_windows = 0
 
     def late_now_s(self) -> float:
         return 0.0
@@ -480,6 +489,7 @@ class LongPass:
     past its timers."""
 
     standing_s = 0.0
+    num_windows = 0
 
     def late_now_s(self) -> float:
         return 0.05
@@ -537,6 +547,87 @@ def test_a_long_pass_refuses_a_flood_before_any_window_closes() -> None:
     assert spaced == [200] * 4
     assert MIN_ARRIVALS_IN_A_LONG_PASS > 2 * MIN_ARRIVALS_FOR_LAG
     assert burst == [200] * (MIN_ARRIVALS_IN_A_LONG_PASS - 1) + [503] * 5 and reasons == ["event_loop_lag"] * 5
+
+
+class SteppedLag:
+    """A loop-lag reading the test moves window by window."""
+
+    def __init__(self) -> None:
+        self.standing_s = 0.0
+        self.num_windows = 0
+
+    def late_now_s(self) -> float:
+        return 0.0
+
+    def close_window(self, standing_s: float) -> None:
+        self.standing_s = standing_s
+        self.num_windows += 1
+
+
+def statuses_of(admission: Admission, num_requests: int) -> list[int]:
+    """`num_requests` sent through `admission` back to back; their statuses."""
+
+    async def one() -> int:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await admission({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
+        return int(sent[0]["status"])
+
+    async def all_of_them() -> list[int]:
+        return [await one() for _ in range(num_requests)]
+
+    return asyncio.run(all_of_them())
+
+
+def test_after_a_window_behind_admissions_are_capped_then_the_cap_rises_and_goes() -> None:
+    """A window the loop ran behind through caps the windows after it at ADMIT_DECREASE of
+    what it admitted (refusing while still behind), the cap rising by ADMIT_INCREASE each
+    window it keeps up with the cap refusing, and gone after a window that refused nothing."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    lag = SteppedLag()
+    admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
+                          on_reject=lambda reason: None, loop_lag=cast(EventLoopLag, lag), max_loop_lag_s=0.005)  # fmt: skip
+    assert statuses_of(admission, 50) == [200] * 50  # the loop keeps up: no cap
+    lag.close_window(0.02)  # it fell behind through that window, which admitted 50
+    # Still behind: refused, once a backlog's worth arrived (the rule above)
+    assert statuses_of(admission, 30) == [200] * (MIN_ARRIVALS_FOR_LAG - 1) + [503] * (31 - MIN_ARRIVALS_FOR_LAG)
+    lag.close_window(0.0)  # caught up
+    cap = ADMIT_DECREASE * 50 * ADMIT_INCREASE  # 40, raised once: the last window refused some
+    assert statuses_of(admission, 60) == [200] * math.ceil(cap) + [503] * (60 - math.ceil(cap))
+    lag.close_window(0.0)
+    cap *= ADMIT_INCREASE
+    assert statuses_of(admission, 60) == [200] * math.ceil(cap) + [503] * (60 - math.ceil(cap))
+    lag.close_window(0.0)
+    assert statuses_of(admission, 20) == [200] * 20  # under the cap: nothing refused
+    lag.close_window(0.0)
+    assert statuses_of(admission, 200) == [200] * 200  # so no cap now
+
+
+def test_a_few_clients_behind_a_lagging_loop_set_no_cap() -> None:
+    """A window behind in which fewer than MIN_ARRIVALS_FOR_LAG were admitted is no overload:
+    the windows after it admit everything."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    lag = SteppedLag()
+    admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
+                          on_reject=lambda reason: None, loop_lag=cast(EventLoopLag, lag), max_loop_lag_s=0.005)  # fmt: skip
+    assert statuses_of(admission, MIN_ARRIVALS_FOR_LAG - 1) == [200] * (MIN_ARRIVALS_FOR_LAG - 1)
+    lag.close_window(0.02)
+    lag.close_window(0.0)
+    assert statuses_of(admission, 100) == [200] * 100
 
 
 @pytest.mark.parametrize("limits", [{"max_event_loop_lag_s": None}, {}], ids=["no-cap", "sequential"])
