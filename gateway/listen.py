@@ -22,8 +22,8 @@ import socket
 
 import uvicorn
 
-# Connections one worker accepts per pass of its loop. A pass of 10 ms (the lag at which
-# admission refuses) then accepts 1,600 connections per second.
+# Connections one worker accepts per pass of its loop: at capacity, passes of ~10 ms accept
+# 1,600 connections a second.
 ACCEPTS_PER_PASS = 16
 
 
