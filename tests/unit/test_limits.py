@@ -495,37 +495,44 @@ class LongPass:
         return 0.05
 
 
+async def answer_ok(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def admission_behind(lag: object, max_loop_lag_s: float,
+                     on_reject: Callable[[str], None] = lambda reason: None) -> Admission:  # fmt: skip
+    """Admission in front of an app that answers 200, reading `lag`."""
+    return Admission(answer_ok, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
+                     on_reject=on_reject, loop_lag=cast(EventLoopLag, lag), max_loop_lag_s=max_loop_lag_s)  # fmt: skip
+
+
+async def status_through(admission: Admission) -> int:
+    """The status of one bodiless request sent through `admission`."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await admission({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
+    return int(sent[0]["status"])
+
+
 def admitted_spaced_then_in_a_burst(lag: object, burst_size: int) -> tuple[list[int], list[int], list[str]]:
     """Statuses of 4 requests one each 2.5 arrival windows (never a backlog), then of
     `burst_size` back to back, through Admission behind `lag` (20 ms allowed); the reasons."""
     reasons: list[str] = []
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
-                          on_reject=reasons.append, loop_lag=cast(EventLoopLag, lag),
-                          max_loop_lag_s=0.02)  # fmt: skip
-
-    async def one() -> int:
-        sent: list[Message] = []
-
-        async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        await admission({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
-        return int(sent[0]["status"])
+    admission = admission_behind(lag, 0.02, reasons.append)
 
     async def scenario() -> tuple[list[int], list[int]]:
         spaced = []
         for _ in range(4):
-            spaced.append(await one())
+            spaced.append(await status_through(admission))
             await asyncio.sleep(2.5 * ARRIVALS_WINDOW_S)
-        burst = [await one() for _ in range(burst_size)]
+        burst = [await status_through(admission) for _ in range(burst_size)]
         return spaced, burst
 
     spaced, burst = asyncio.run(scenario())
@@ -567,20 +574,8 @@ class SteppedLag:
 def statuses_of(admission: Admission, num_requests: int) -> list[int]:
     """`num_requests` sent through `admission` back to back; their statuses."""
 
-    async def one() -> int:
-        sent: list[Message] = []
-
-        async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-
-        await admission({"type": "http", "path": "/v1/completions", "headers": []}, receive, send)
-        return int(sent[0]["status"])
-
     async def all_of_them() -> list[int]:
-        return [await one() for _ in range(num_requests)]
+        return [await status_through(admission) for _ in range(num_requests)]
 
     return asyncio.run(all_of_them())
 
@@ -589,14 +584,8 @@ def test_after_a_window_behind_admissions_are_capped_then_the_cap_rises_and_goes
     """A window the loop ran behind through caps the windows after it at ADMIT_DECREASE of
     what it admitted (refusing while still behind), the cap rising by ADMIT_INCREASE each
     window it keeps up with the cap refusing, and gone after a window that refused nothing."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
     lag = SteppedLag()
-    admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
-                          on_reject=lambda reason: None, loop_lag=cast(EventLoopLag, lag), max_loop_lag_s=0.005)  # fmt: skip
+    admission = admission_behind(lag, 0.005)
     assert statuses_of(admission, 50) == [200] * 50  # the loop keeps up: no cap
     lag.close_window(0.02)  # it fell behind through that window, which admitted 50
     # Still behind: refused, once a backlog's worth arrived (the rule above)
@@ -616,14 +605,8 @@ def test_after_a_window_behind_admissions_are_capped_then_the_cap_rises_and_goes
 def test_a_few_clients_behind_a_lagging_loop_set_no_cap() -> None:
     """A window behind in which fewer than MIN_ARRIVALS_FOR_LAG were admitted is no overload:
     the windows after it admit everything."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
     lag = SteppedLag()
-    admission = Admission(app, max_requests=1000, api_keys=lambda: APIKeys([]), retry_after_s=1,
-                          on_reject=lambda reason: None, loop_lag=cast(EventLoopLag, lag), max_loop_lag_s=0.005)  # fmt: skip
+    admission = admission_behind(lag, 0.005)
     assert statuses_of(admission, MIN_ARRIVALS_FOR_LAG - 1) == [200] * (MIN_ARRIVALS_FOR_LAG - 1)
     lag.close_window(0.02)
     lag.close_window(0.0)

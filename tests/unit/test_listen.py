@@ -104,8 +104,7 @@ def _readlink(path: Path) -> str:
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_python_m_gateway_listens_through_accepts_per_pass_descriptors_in_each_worker(tmp_path: Path,
-                                                                                   num_workers: int) -> None:  # fmt: skip
+def test_python_m_gateway_listens_through_16_descriptors_in_each_worker(tmp_path: Path, num_workers: int) -> None:
     with fake_engine_in_thread(FakeEngine("m", "/models/m")) as engine_url:
         config = {"engines": [{"name": "a", "url": engine_url}], "server": {"workers": num_workers},
                   "routing": {"policy": "round_robin"}, "health": {"interval_s": 600}}  # fmt: skip
