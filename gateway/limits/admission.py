@@ -44,7 +44,7 @@ ARRIVALS_WINDOW_S = 0.1
 # first step and answer fall in different passes) grew to tens of ms: admitted requests
 # waited 0.1-0.15 s at p99 (one worker offered 1,600-2,000 req/s against ~1,100 it serves).
 # So a pass already `max_event_loop_lag_s` past its timers refuses the rest of its arrivals
-# too: 73-82 ms at p99 then (with the 10 ms default; the client's connections open already).
+# too: 73-82 ms at p99 then (with a 10 ms lag cap; the client's connections open already).
 # A flood only (at least this many arriving behind it, 320-640 per second): a busy machine
 # that holds the worker off its core for a pass delays a test's or a few clients' burst,
 # which is no reason to refuse it.
@@ -156,11 +156,12 @@ class Admission:
     def _next_lag_window(self, lag: EventLoopLag) -> None:
         """The window just closed sets the cap on the next one's admissions."""
         admitted = self._admitted_in_window
-        if lag.standing_s > self._max_loop_lag_s and admitted >= MIN_ARRIVALS_FOR_LAG:
+        behind = lag.standing_s > self._max_loop_lag_s
+        if behind and admitted >= MIN_ARRIVALS_FOR_LAG:
             self._admit_cap = max(MIN_ARRIVALS_FOR_LAG, ADMIT_DECREASE * admitted)
         elif not self._refused_in_window:
             self._admit_cap = float("inf")
-        elif lag.standing_s <= self._max_loop_lag_s:
+        elif not behind:
             self._admit_cap *= ADMIT_INCREASE
         self._lag_windows_seen = lag.num_windows
         self._admitted_in_window = self._refused_in_window = 0
