@@ -1024,7 +1024,11 @@ def run(args: argparse.Namespace) -> str:
                 targets.append(target)
                 log(f"{name}: starting" + (f" on cores {sorted(gateway_cpus)}" if pinned and gateway_cpus else ""))
                 if pinned and gateway_cpus:
-                    pin_notes.append(f"{name}: cores {sorted(gateway_cpus)}")
+                    shared = sorted(gateway_cpus & client_cpus) if client_cpus else []
+                    pin_notes.append(f"{name}: cores {sorted(gateway_cpus)}" + (
+                        f" (core {', '.join(map(str, shared))} shared with the load generator and the engines, which"
+                        " run when its workers would: more cores than workers are needed to measure them alone)"
+                        if shared else ""))  # fmt: skip
                 config = gateway_config(engine_urls, plan.model, tokenizer_dir, policy, workers)
                 try:
                     with gateway_subprocess(config, cpus=gateway_cpus if pinned else None) as (url, proc):
