@@ -1025,10 +1025,8 @@ def run(args: argparse.Namespace) -> str:
                 log(f"{name}: starting" + (f" on cores {sorted(gateway_cpus)}" if pinned and gateway_cpus else ""))
                 if pinned and gateway_cpus:
                     shared = sorted(gateway_cpus & client_cpus) if client_cpus else []
-                    pin_notes.append(f"{name}: cores {sorted(gateway_cpus)}" + (
-                        f" (core {', '.join(map(str, shared))} shared with the load generator and the engines, which"
-                        " run when its workers would: more cores than workers are needed to measure them alone)"
-                        if shared else ""))  # fmt: skip
+                    pin_notes.append(f"{name}: cores {sorted(gateway_cpus)}"
+                                     + (f" (core {', '.join(map(str, shared))} shared with the load generator)" if shared else ""))  # fmt: skip
                 config = gateway_config(engine_urls, plan.model, tokenizer_dir, policy, workers)
                 try:
                     with gateway_subprocess(config, cpus=gateway_cpus if pinned else None) as (url, proc):
@@ -1076,7 +1074,10 @@ def run(args: argparse.Namespace) -> str:
         log(warning.strip().replace("**", ""))
     idle = ", ".join(f"{t.name} {_fmt(t.idle_probe_p99_ms)} ms" for t in targets if not t.error)
     notes = [
-        f"Fake engines: {args.engines} (`bench/fake_engine.py`), model {plan.model}; CPU pinning: {'; '.join(pin_notes)}.",
+        f"Fake engines: {args.engines} (`bench/fake_engine.py`), model {plan.model}; CPU pinning: {'; '.join(pin_notes)}."
+        + (" A router on a core shared with the load generator also waits while the client and the engines run"
+           " there: only a machine with more cores than its workers measures it alone."
+           if any("shared with the load generator" in note for note in pin_notes) else ""),
         f"Sequential: {plan.requests} requests per workload, direct and routed interleaved per request"
         f" ({'streamed' if plan.stream else 'non-streamed'}, max_tokens 3). Prompt sizes: {'; '.join(token_notes)}.",
         f"Open loop: Poisson, {plan.duration_s:g} s per rate (at most {plan.max_requests} requests), timeout "
