@@ -1007,6 +1007,7 @@ def run(args: argparse.Namespace) -> str:
         os.sched_setaffinity(0, client_cpus)  # the fake engines started below inherit it
     pin_notes = [f"load generator + {args.engines} fake engines: cores {sorted(client_cpus)}" if pinned and client_cpus
                  else "no CPU pinning"]  # fmt: skip
+    shares_a_core = False  # a router pinned to a core of the load generator's
 
     targets: list[Target] = []
     with fake_engines(args.engines, plan.model, tokenizer_dir, args.engine_base_port) as (engine_urls, engine_pids):
@@ -1025,6 +1026,7 @@ def run(args: argparse.Namespace) -> str:
                 log(f"{name}: starting" + (f" on cores {sorted(gateway_cpus)}" if pinned and gateway_cpus else ""))
                 if pinned and gateway_cpus:
                     shared = sorted(gateway_cpus & client_cpus) if client_cpus else []
+                    shares_a_core = shares_a_core or bool(shared)
                     pin_notes.append(f"{name}: cores {sorted(gateway_cpus)}"
                                      + (f" (core {', '.join(map(str, shared))} shared with the load generator)" if shared else ""))  # fmt: skip
                 config = gateway_config(engine_urls, plan.model, tokenizer_dir, policy, workers)
@@ -1077,7 +1079,7 @@ def run(args: argparse.Namespace) -> str:
         f"Fake engines: {args.engines} (`bench/fake_engine.py`), model {plan.model}; CPU pinning: {'; '.join(pin_notes)}."
         + (" A router on a core shared with the load generator also waits while the client and the engines run"
            " there: only a machine with more cores than its workers measures it alone."
-           if any("shared with the load generator" in note for note in pin_notes) else ""),
+           if shares_a_core else ""),
         f"Sequential: {plan.requests} requests per workload, direct and routed interleaved per request"
         f" ({'streamed' if plan.stream else 'non-streamed'}, max_tokens 3). Prompt sizes: {'; '.join(token_notes)}.",
         f"Open loop: Poisson, {plan.duration_s:g} s per rate (at most {plan.max_requests} requests), timeout "
